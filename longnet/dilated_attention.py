@@ -1,0 +1,515 @@
+"""Dilated attention (LongNet, arXiv 2307.02486, Eq. 9-12).
+
+The sequence is cut into segments of length ``w``; inside a segment only every ``r``-th position is
+kept, starting at offset ``h mod r`` for query head ``h``. Each ``(w, r)`` branch is an ordinary
+softmax attention over its kept positions, and the branches are mixed by their softmax denominators,
+which is the same as one softmax over the multiset union of the branches' keys.
+
+``dilated_attention`` is the public entry point. Backends:
+
+- ``"eager"``: masked softmax in plain PyTorch, quadratic inside a segment. The reference, and the
+  only backend that can return attention weights.
+- ``"cpu"``: PyTorch's fused CPU flash-attention kernel, once per branch on a gathered (dilated)
+  copy of the inputs; branches are merged by log-sum-exp.
+- ``"cuda"``: the same scheme over PyTorch's CUDA memory-efficient attention kernel.
+
+The fused backends use one ``autograd.Function`` whose backward recomputes every branch against the
+merged output and merged log-sum-exp (as ring attention does), so gradients are exact, including the
+path through the mixing weights, and memory stays O(N).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "eager", "cpu", "cuda")
+
+
+def dilated_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = True,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Dilated attention with the shapes of ``scaled_dot_product_attention``.
+
+    Args:
+        query: ``(B, H, Lq, D)``.
+        key, value: ``(B, Hkv, Lk, D)`` with ``H % Hkv == 0`` and ``Lq <= Lk``. When ``Lq < Lk`` the
+            queries are the last ``Lq`` positions (a KV cache).
+        segment_lengths, dilation_rates: one ``(w, r)`` pair per branch.
+        is_causal: whether a query sees only keys at or before its own position.
+        scale: softmax scale; ``1 / sqrt(D)`` when ``None``.
+        backend: ``"auto"``, ``"eager"``, ``"cpu"`` or ``"cuda"``.
+        return_lse: also return the merged log-sum-exp ``(B, H, Lq)`` in float32 (``-inf`` where no
+            branch covers a (query, head) pair; the output there is 0). It carries no gradient.
+
+    Returns:
+        The output ``(B, H, Lq, D)``, and the log-sum-exp when ``return_lse`` is set.
+    """
+    branches = check_branches(segment_lengths, dilation_rates)
+    _check_tensors(query, key, value)
+    backend = _resolve_backend(backend, query)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    if backend == "eager":
+        out, lse = eager_dilated_attention(query, key, value, branches, is_causal, scale)
+        lse = lse.detach()
+    else:
+        out, lse = _DilatedAttentionFunction.apply(query, key, value, branches, is_causal, scale, backend)
+    return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks
+
+
+def check_branches(
+    segment_lengths: Sequence[int], dilation_rates: Sequence[int]
+) -> tuple[tuple[int, int], ...]:
+    """Validates the branch lists and returns them as ``((w, r), ...)``."""
+    for name, values in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise ValueError(f"{name} must be a list of positive integers, got {values!r}")
+        if len(values) == 0:
+            raise ValueError(f"{name} must not be empty")
+        for item in values:
+            if isinstance(item, bool):
+                raise ValueError(f"{name} must hold positive integers, got {item!r}")
+            try:
+                number = operator.index(item)
+            except TypeError:
+                raise ValueError(f"{name} must hold positive integers, got {item!r}") from None
+            if number <= 0:
+                raise ValueError(f"{name} must hold positive integers, got {item!r}")
+    if len(segment_lengths) != len(dilation_rates):
+        raise ValueError(
+            f"segment_lengths and dilation_rates must have the same length, got "
+            f"{len(segment_lengths)} and {len(dilation_rates)}"
+        )
+    return tuple(
+        (operator.index(w), operator.index(r)) for w, r in zip(segment_lengths, dilation_rates, strict=True)
+    )
+
+
+def _check_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dimensions (B, heads, length, head_dim), got shape {tuple(tensor.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if key.shape != value.shape:
+        raise ValueError(
+            f"key and value must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    batch, heads, q_len, head_dim = query.shape
+    if key.shape[0] != batch:
+        raise ValueError(f"query and key must have the same batch size, got {batch} and {key.shape[0]}")
+    if key.shape[3] != head_dim:
+        raise ValueError(f"query and key must have the same head_dim, got {head_dim} and {key.shape[3]}")
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(
+            f"the number of query heads ({heads}) must be a multiple of the number of "
+            f"key/value heads ({kv_heads})"
+        )
+    if q_len > k_len:
+        raise ValueError(f"query length ({q_len}) must not exceed key length ({k_len})")
+    if q_len == 0 or head_dim == 0 or batch == 0:
+        raise ValueError(f"query must not be empty, got shape {tuple(query.shape)}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
+        )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(
+            f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+
+
+def _resolve_backend(backend: str, query: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    device = query.device.type
+    if backend == "auto":
+        return device if device in ("cpu", "cuda") else "eager"
+    if backend in ("cpu", "cuda") and backend != device:
+        raise ValueError(f"backend {backend!r} needs {backend} tensors, got tensors on {query.device}")
+    return backend
+
+
+# --------------------------------------------------------------------------------------------------
+# Eager backend: the reference
+
+
+def eager_dilated_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    branches: Sequence[tuple[int, int]],
+    is_causal: bool,
+    scale: float,
+    return_weights: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Masked-softmax dilated attention; differentiable by plain autograd.
+
+    Returns ``(out, lse)``, or ``(out, lse, weights)`` with ``weights (B, H, Lq, Lk)``, the merged
+    attention probabilities (a key reached by two branches gets both shares).
+    """
+    batch, heads, q_len, head_dim = query.shape
+    k_len = key.shape[2]
+    group = heads // key.shape[1]
+    key = key.repeat_interleave(group, dim=1)
+    value = value.repeat_interleave(group, dim=1)
+    q_start = k_len - q_len
+    compute_dtype = torch.promote_types(query.dtype, torch.float32)
+    outs, lses, probs = [], [], []
+    for w, r in branches:
+        first_segment = q_start // w
+        n_segments = -(-k_len // w) - first_segment
+        start, length = first_segment * w, n_segments * w
+        pad_end = length - (k_len - start)
+        # Padded copies that cover whole segments, positions start .. start + length - 1.
+        k = torch.nn.functional.pad(key[:, :, start:], (0, 0, 0, pad_end)).unflatten(2, (n_segments, w))
+        v = torch.nn.functional.pad(value[:, :, start:], (0, 0, 0, pad_end)).unflatten(2, (n_segments, w))
+        q = torch.nn.functional.pad(query, (0, 0, q_start - start, pad_end)).unflatten(2, (n_segments, w))
+        position = torch.arange(start, start + length, device=query.device).view(n_segments, w)
+        offset = (torch.arange(heads, device=query.device) % r).view(heads, 1, 1)
+        kept = (position % w) % r == offset  # (H, n_segments, w)
+        key_ok = kept & (position < k_len)
+        query_ok = key_ok & (position >= q_start)
+        allowed = query_ok[..., :, None] & key_ok[..., None, :]  # (H, n_segments, w, w)
+        if is_causal:
+            allowed = allowed & (position[:, :, None] >= position[:, None, :])
+        scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        covered = allowed.any(-1)
+        # Rows without any key get a finite log-sum-exp here (so no NaN reaches autograd) and
+        # -inf below.
+        lse = torch.logsumexp(scores.masked_fill(~covered[..., None], 0.0), dim=-1)
+        p = torch.exp(scores - lse[..., None])
+        out = torch.matmul(p, v.to(compute_dtype))
+        lse = torch.where(covered, lse, float("-inf"))
+        keep_rows = slice(q_start - start, q_start - start + q_len)
+        outs.append(out.flatten(2, 3)[:, :, keep_rows])
+        lses.append(lse.flatten(2, 3)[:, :, keep_rows])
+        if return_weights:
+            weights = p.new_zeros(batch, heads, length, k_len)
+            for s in range(n_segments):
+                rows = slice(s * w, (s + 1) * w)
+                cols = slice(start + s * w, min(start + (s + 1) * w, k_len))
+                weights[:, :, rows, cols] = p[:, :, s, :, : cols.stop - cols.start]
+            probs.append(weights[:, :, keep_rows])
+    out, lse, mix = merge_branches(torch.stack(outs), torch.stack(lses))
+    if not return_weights:
+        return out.to(query.dtype), lse
+    weights = (mix[..., None] * torch.stack(probs)).sum(0)
+    return out.to(query.dtype), lse, weights
+
+
+def merge_branches(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mixes branch outputs ``(n, B, H, L, D)`` by their log-sum-exps ``(n, B, H, L)`` (Eq. 10).
+
+    Returns the merged output, the merged log-sum-exp (``-inf`` where no branch covers a row) and the
+    mixing weights ``(n, B, H, L)``. Differentiable, and NaN-free for uncovered rows.
+    """
+    covered = torch.isfinite(lses).any(0)
+    lse = torch.logsumexp(lses.masked_fill(~covered, 0.0), dim=0)
+    mix = torch.exp(lses - lse)
+    out = (mix[..., None] * outs).sum(0)
+    return out, torch.where(covered, lse, float("-inf")), mix
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused backends
+
+
+@dataclass
+class _BranchLayout:
+    """Where one branch's dilated slots come from, for a given (Lq, Lk, H, Hkv).
+
+    Slots are laid out ``(n_segments, m, H)`` with ``m = ceil(w / r)`` (heads last, the layout the
+    attention kernels read and write fastest): slot ``j`` of head ``h`` in segment ``s`` is position
+    ``start + s*w + (h mod r) + j*r``. Invalid key slots (past the segment or past ``Lk``) always
+    come last in a head's segment, so causal attention never sees them; invalid query slots are
+    computed and dropped.
+    """
+
+    n_segments: int
+    slots: int  # m
+    query_index: torch.Tensor  # per slot, row of query as (B, H*Lq, D); 0 where invalid
+    key_index: torch.Tensor  # per slot, row of key as (B, Hkv*Lk, D); 0 where invalid
+    query_slots: torch.Tensor | None  # slots holding real queries; None when all do
+    key_slots: torch.Tensor | None  # slots holding real keys; None when all do
+    query_targets: torch.Tensor  # query rows of query_slots
+    key_targets: torch.Tensor  # key rows of key_slots
+    key_bias: torch.Tensor | None  # (n_segments, H, 1, m), -inf on invalid keys; non-causal only
+
+
+# Slots handled per kernel call: bounds the gathered copies (and so peak memory) on long inputs.
+MAX_SLOTS_PER_CALL = 1 << 21
+
+
+def _layouts(
+    branches: Sequence[tuple[int, int]],
+    q_len: int,
+    k_len: int,
+    heads: int,
+    kv_heads: int,
+    is_causal: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Iterator[tuple[int, _BranchLayout]]:
+    """``(branch number, layout)`` for each kernel call: whole segments, at most
+    ``MAX_SLOTS_PER_CALL`` slots a call. Made lazily, so only one call's index tensors live at once."""
+    for branch, (w, r) in enumerate(branches):
+        first_segment = (k_len - q_len) // w
+        last_segment = -(-k_len // w)
+        per_call = max(1, MAX_SLOTS_PER_CALL // (-(-w // r) * heads))
+        for start in range(first_segment, last_segment, per_call):
+            n_segments = min(per_call, last_segment - start)
+            yield (
+                branch,
+                _branch_layout(
+                    w, r, q_len, k_len, heads, kv_heads, is_causal, device, dtype, start, n_segments
+                ),
+            )
+
+
+def _branch_layout(
+    w: int,
+    r: int,
+    q_len: int,
+    k_len: int,
+    heads: int,
+    kv_heads: int,
+    is_causal: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    first_segment: int,
+    n_segments: int,
+) -> _BranchLayout:
+    q_start = k_len - q_len
+    m = -(-w // r)
+    head = torch.arange(heads, device=device).view(1, 1, heads)
+    in_segment = (head % r) + r * torch.arange(m, device=device).view(1, m, 1)  # (1, m, H)
+    segment_start = (first_segment + torch.arange(n_segments, device=device)).view(n_segments, 1, 1) * w
+    position = segment_start + in_segment  # (n_segments, m, H)
+    key_ok = (in_segment < w) & (position < k_len)
+    query_ok = key_ok & (position >= q_start)
+    kv_head = head // (heads // kv_heads)
+    key_index = torch.where(key_ok, kv_head * k_len + position, 0).flatten()
+    query_index = torch.where(query_ok, head * q_len + position - q_start, 0).flatten()
+    query_slots = None if bool(query_ok.all()) else query_ok.flatten().nonzero().squeeze(1)
+    key_slots = None if bool(key_ok.all()) else key_ok.flatten().nonzero().squeeze(1)
+    key_bias = None
+    if not is_causal and key_slots is not None:
+        key_bias = torch.zeros(n_segments, heads, 1, m, device=device, dtype=dtype)
+        key_bias.masked_fill_(~key_ok.transpose(1, 2).unsqueeze(2), float("-inf"))
+    return _BranchLayout(
+        n_segments=n_segments,
+        slots=m,
+        query_index=query_index,
+        key_index=key_index,
+        query_slots=query_slots,
+        key_slots=key_slots,
+        query_targets=_valid(query_index.unsqueeze(0), query_slots).squeeze(0),
+        key_targets=_valid(key_index.unsqueeze(0), key_slots).squeeze(0),
+        key_bias=key_bias,
+    )
+
+
+def _valid(rows: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+    """The rows ``(B, n_slots, ...)`` of valid slots."""
+    return rows if slots is None else rows.index_select(1, slots)
+
+
+def _to_kernel(rows: torch.Tensor, layout: _BranchLayout, heads: int) -> torch.Tensor:
+    """Slot rows ``(B, n_slots, ...)`` -> the kernels' ``(B * n_segments, H, m, ...)`` view."""
+    batch, tail = rows.shape[0], rows.shape[2:]
+    return rows.view(batch * layout.n_segments, layout.slots, heads, *tail).transpose(1, 2)
+
+
+def _from_kernel(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """The kernels' ``(B * n_segments, H, m, ...)`` -> slot rows ``(B, n_slots, ...)``."""
+    return tensor.transpose(1, 2).reshape(batch, -1, *tensor.shape[3:])
+
+
+def _expand_bias(layout: _BranchLayout, batch: int) -> torch.Tensor | None:
+    if layout.key_bias is None:
+        return None
+    bias = layout.key_bias.unsqueeze(0).expand(batch, *layout.key_bias.shape)
+    return bias.reshape(batch * layout.n_segments, *layout.key_bias.shape[1:])
+
+
+def _cpu_forward(q, k, v, is_causal, bias, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale
+    )
+    return out, lse
+
+
+def _cpu_backward(grad_out, q, k, v, out, lse, is_causal, bias, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=bias, scale=scale
+    )
+
+
+def _cuda_bias(bias, q):
+    # The memory-efficient kernel wants a bias it can read row by row: materialise it over the
+    # query dimension, its last dimension padded to a multiple of 16 elements.
+    if bias is None:
+        return None
+    batch, heads, _, m = bias.shape
+    padded = bias.new_zeros(batch, heads, q.shape[2], -(-m // 16) * 16)
+    padded[..., :m] = bias
+    return padded[..., :m]
+
+
+def _cuda_forward(q, k, v, is_causal, bias, scale):
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, _cuda_bias(bias, q), True, 0.0, is_causal, scale=scale
+    )
+    return out, lse[..., : q.shape[2]]
+
+
+def _cuda_backward(grad_out, q, k, v, out, lse, is_causal, bias, scale):
+    # The kernel reads a log-sum-exp padded to a multiple of 32 rows.
+    padded_lse = lse.new_full((*lse.shape[:2], -(-lse.shape[2] // 32) * 32), float("inf"))
+    padded_lse[..., : lse.shape[2]] = lse
+    no_rng = torch.zeros((), dtype=torch.int64, device=q.device)
+    grad_q, grad_k, grad_v, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        grad_out,
+        q,
+        k,
+        v,
+        _cuda_bias(bias, q),
+        out,
+        padded_lse,
+        no_rng,
+        no_rng,
+        0.0,
+        [True, True, True, False],
+        is_causal,
+        scale=scale,
+    )
+    return grad_q, grad_k, grad_v
+
+
+_KERNELS = {"cpu": (_cpu_forward, _cpu_backward), "cuda": (_cuda_forward, _cuda_backward)}
+
+
+class _DilatedAttentionFunction(torch.autograd.Function):
+    """Fused dilated attention; backward recomputes each branch against the merged statistics."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, branches, is_causal, scale, backend):
+        kernel_forward, _ = _KERNELS[backend]
+        batch, heads, q_len, head_dim = query.shape
+        kv_heads, k_len = key.shape[1], key.shape[2]
+        flat_q = query.reshape(batch, heads * q_len, head_dim)
+        flat_k = key.reshape(batch, kv_heads * k_len, head_dim)
+        flat_v = value.reshape(batch, kv_heads * k_len, head_dim)
+        compute_dtype = torch.promote_types(query.dtype, torch.float32)
+        out = query.new_zeros(batch, heads * q_len, head_dim, dtype=compute_dtype)
+        lse = query.new_full((batch, heads * q_len), float("-inf"), dtype=compute_dtype)
+        for branch, layout in _layouts(
+            branches, q_len, k_len, heads, kv_heads, is_causal, query.device, query.dtype
+        ):
+            branch_out, branch_lse = kernel_forward(
+                _to_kernel(flat_q.index_select(1, layout.query_index), layout, heads),
+                _to_kernel(flat_k.index_select(1, layout.key_index), layout, heads),
+                _to_kernel(flat_v.index_select(1, layout.key_index), layout, heads),
+                is_causal,
+                _expand_bias(layout, batch),
+                scale,
+            )
+            branch_out = _valid(_from_kernel(branch_out, batch), layout.query_slots).to(compute_dtype)
+            branch_lse = _valid(_from_kernel(branch_lse, batch), layout.query_slots).to(compute_dtype)
+            # Merge into the running result at the rows this branch covers (each row once).
+            targets = layout.query_targets
+            if branch > 0:
+                old_lse = lse.index_select(1, targets)
+                new_lse = torch.logaddexp(old_lse, branch_lse)
+                old_weight = torch.exp(old_lse - new_lse).unsqueeze(-1)
+                new_weight = torch.exp(branch_lse - new_lse).unsqueeze(-1)
+                branch_out = out.index_select(1, targets).mul_(old_weight).add_(branch_out.mul_(new_weight))
+                branch_lse = new_lse
+            out.index_copy_(1, targets, branch_out)
+            lse.index_copy_(1, targets, branch_lse)
+        out = out.to(query.dtype).view(batch, heads, q_len, head_dim)
+        lse = lse.view(batch, heads, q_len)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.branches, ctx.is_causal, ctx.scale, ctx.backend = branches, is_causal, scale, backend
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        query, key, value, out, lse = ctx.saved_tensors
+        _, kernel_backward = _KERNELS[ctx.backend]
+        batch, heads, q_len, head_dim = query.shape
+        kv_heads, k_len = key.shape[1], key.shape[2]
+        flat_q = query.reshape(batch, heads * q_len, head_dim)
+        flat_k = key.reshape(batch, kv_heads * k_len, head_dim)
+        flat_v = value.reshape(batch, kv_heads * k_len, head_dim)
+        flat_out = out.reshape(batch, heads * q_len, head_dim)
+        flat_grad = grad_out.reshape(batch, heads * q_len, head_dim)
+        flat_lse = lse.reshape(batch, heads * q_len)
+        grad_q = torch.zeros(batch, heads * q_len, head_dim, dtype=lse.dtype, device=query.device)
+        grad_k = torch.zeros(batch, kv_heads * k_len, head_dim, dtype=lse.dtype, device=query.device)
+        grad_v = torch.zeros_like(grad_k)
+        for _, layout in _layouts(
+            ctx.branches, q_len, k_len, heads, kv_heads, ctx.is_causal, query.device, query.dtype
+        ):
+            slot_grad = flat_grad.index_select(1, layout.query_index)
+            slot_out = flat_out.index_select(1, layout.query_index)
+            slot_lse = flat_lse.index_select(1, layout.query_index)
+            if layout.query_slots is not None:
+                # Invalid query slots get zero output gradient and an infinite log-sum-exp, so
+                # they contribute nothing to any gradient.
+                invalid = torch.ones(slot_lse.shape[1], dtype=torch.bool, device=query.device)
+                invalid[layout.query_slots] = False
+                slot_grad[:, invalid] = 0
+                slot_out[:, invalid] = 0
+                slot_lse[:, invalid] = float("inf")
+            dq, dk, dv = kernel_backward(
+                _to_kernel(slot_grad, layout, heads),
+                _to_kernel(flat_q.index_select(1, layout.query_index), layout, heads),
+                _to_kernel(flat_k.index_select(1, layout.key_index), layout, heads),
+                _to_kernel(flat_v.index_select(1, layout.key_index), layout, heads),
+                _to_kernel(slot_out, layout, heads),
+                _to_kernel(slot_lse, layout, heads),
+                ctx.is_causal,
+                _expand_bias(layout, batch),
+                ctx.scale,
+            )
+            grad_q.index_add_(
+                1, layout.query_targets, _valid(_from_kernel(dq, batch), layout.query_slots).to(lse.dtype)
+            )
+            grad_k.index_add_(
+                1, layout.key_targets, _valid(_from_kernel(dk, batch), layout.key_slots).to(lse.dtype)
+            )
+            grad_v.index_add_(
+                1, layout.key_targets, _valid(_from_kernel(dv, batch), layout.key_slots).to(lse.dtype)
+            )
+        # Cast one accumulator at a time, so at most one extra copy is alive.
+        grad_q = grad_q.to(query.dtype).view_as(query)
+        grad_k = grad_k.to(key.dtype).view_as(key)
+        grad_v = grad_v.to(value.dtype).view_as(value)
+        return grad_q, grad_k, grad_v, None, None, None, None

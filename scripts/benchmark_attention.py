@@ -1,0 +1,265 @@
+"""Dilated attention against dense causal SDPA: time, tokens/s, GFLOP/s and peak memory by length.
+
+Both methods run in this process on the same inputs, alternating, in the same dtype. Writes
+``{out}.json``, ``{out}.md`` and ``{out}.png``.
+
+    python scripts/benchmark_attention.py                      # the full run (about an hour on 2 cores)
+    python scripts/benchmark_attention.py --lengths 1024 2048 --repeats 1 --out /tmp/smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from longnet import dilated_attention
+
+PAPER_SEGMENTS = [2048, 4096, 8192, 16384, 32768]
+PAPER_RATES = [1, 2, 4, 6, 12]
+
+
+def dilated_pairs(length: int, heads: int, segments: list[int], rates: list[int]) -> int:
+    """(query, key) pairs that causal dilated attention scores, summed over heads and branches."""
+    pairs = 0
+    for w, r in zip(segments, rates, strict=True):
+        for start in range(0, length, w):
+            segment = min(w, length - start)
+            for head in range(heads):
+                kept = max(0, -(-(segment - head % r) // r))
+                pairs += kept * (kept + 1) // 2
+    return pairs
+
+
+def flops(pairs: int, head_dim: int, backward: bool) -> int:
+    """4*D per pair forward (QK^T and PV); backward does twice that (dQ, dK, dV, dP)."""
+    return pairs * 4 * head_dim * (3 if backward else 1)
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry, sampled from /proc every few milliseconds."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    def _watch(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    @property
+    def used(self) -> int:
+        return self.peak - self.base
+
+
+def run_once(method: str, q, k, v, backward: bool) -> tuple[float, int]:
+    inputs = [x.detach().requires_grad_(backward) for x in (q, k, v)]
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        with torch.set_grad_enabled(backward):
+            if method == "dilated":
+                out = dilated_attention(*inputs, PAPER_SEGMENTS, PAPER_RATES, is_causal=True)
+            else:
+                out = F.scaled_dot_product_attention(*inputs, is_causal=True)
+            if backward:
+                out.backward(torch.ones_like(out))
+        elapsed = time.perf_counter() - start
+        del out, inputs
+    return elapsed, memory.used
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1 << p for p in range(13, 21)])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head_dim", type=int, default=64)
+    parser.add_argument("--dense_max_length", type=int, default=32768, help="longest N for dense SDPA")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported)")
+    parser.add_argument("--long_repeats", type=int, default=1, help="timed runs per point above 128K")
+    parser.add_argument("--out", default="docs/benchmarks/attention_cpu")
+    args = parser.parse_args()
+
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for length in args.lengths:
+            methods = ["dilated"] + (["dense"] if length <= args.dense_max_length else [])
+            generator = torch.Generator().manual_seed(0)
+            q, k, v = (
+                torch.randn(1, args.heads, length, args.head_dim, generator=generator).to(dtype)
+                for _ in range(3)
+            )
+            pairs = {
+                "dilated": dilated_pairs(length, args.heads, PAPER_SEGMENTS, PAPER_RATES),
+                "dense": args.heads * length * (length + 1) // 2,
+            }
+            repeats = args.repeats if length <= 131072 else args.long_repeats
+            for backward in (False, True):
+                times = {m: [] for m in methods}
+                memory = {m: 0 for m in methods}
+                for method in methods:  # warm-up, not timed
+                    run_once(method, q[:, :, :2048], k[:, :, :2048], v[:, :, :2048], backward)
+                for _ in range(repeats):
+                    for method in methods:  # alternate the methods
+                        elapsed, used = run_once(method, q, k, v, backward)
+                        times[method].append(elapsed)
+                        memory[method] = max(memory[method], used)
+                for method in methods:
+                    median = statistics.median(times[method])
+                    row = {
+                        "dtype": dtype_name,
+                        "length": length,
+                        "method": method,
+                        "pass": "forward+backward" if backward else "forward",
+                        "times_s": times[method],
+                        "median_s": median,
+                        "tokens_per_s": length / median,
+                        "gflops": flops(pairs[method], args.head_dim, backward) / 1e9,
+                        "gflop_per_s": flops(pairs[method], args.head_dim, backward) / median / 1e9,
+                        "peak_memory_gb": memory[method] / 1e9,
+                    }
+                    rows.append(row)
+                    print(
+                        f"{dtype_name:9s} N={length:8d} {method:8s} {row['pass']:17s} "
+                        f"{median:9.3f}s {row['tokens_per_s']:10.0f} tok/s {row['gflop_per_s']:7.1f} GFLOP/s "
+                        f"{row['peak_memory_gb']:6.2f} GB",
+                        flush=True,
+                    )
+            del q, k, v
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    )
+    setup = {
+        "machine": machine,
+        "heads": args.heads,
+        "head_dim": args.head_dim,
+        "segment_lengths": PAPER_SEGMENTS,
+        "dilation_rates": PAPER_RATES,
+        "threads": torch.get_num_threads(),
+    }
+    out.with_suffix(".json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(markdown(rows, setup))
+    plot(rows, out.with_suffix(".png"), setup)
+    print(f"wrote {out}.json, {out}.md, {out}.png")
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """The issue's targets, computed from the rows that exist."""
+
+    def find(dtype, length, method, pass_):
+        for row in rows:
+            if (row["dtype"], row["length"], row["method"], row["pass"]) == (dtype, length, method, pass_):
+                return row
+        return None
+
+    lines = []
+    for dtype in sorted({row["dtype"] for row in rows}):
+        dil, den = (
+            find(dtype, 32768, "dilated", "forward+backward"),
+            find(dtype, 32768, "dense", "forward+backward"),
+        )
+        if dil and den:
+            lines.append(
+                f"- {dtype}, N = 32K, forward+backward: dilated {dil['median_s']:.2f} s vs dense "
+                f"{den['median_s']:.2f} s: **{den['median_s'] / dil['median_s']:.2f}x faster** "
+                f"({den['gflops'] / dil['gflops']:.1f}x fewer FLOPs); achieved {dil['gflop_per_s']:.1f} vs "
+                f"{den['gflop_per_s']:.1f} GFLOP/s = "
+                f"**{dil['gflop_per_s'] / den['gflop_per_s']:.0%}** of dense."
+            )
+        small, large = (
+            find(dtype, 65536, "dilated", "forward+backward"),
+            find(dtype, 1 << 20, "dilated", "forward+backward"),
+        )
+        if small and large:
+            ratio = (large["median_s"] / large["length"]) / (small["median_s"] / small["length"])
+            lines.append(
+                f"- {dtype}, forward+backward time per token at 1M / at 64K: **{ratio:.2f}** "
+                f"(1M tokens in {large['median_s']:.0f} s, "
+                f"peak {large['peak_memory_gb']:.1f} GB above the inputs)."
+            )
+    return lines
+
+
+def markdown(rows: list[dict], setup: dict) -> str:
+    lines = [
+        "# Dilated attention vs dense causal SDPA (CPU)",
+        "",
+        f"Machine: {setup['machine']}, {setup['threads']} threads. Batch 1, H = {setup['heads']}, "
+        f"D = {setup['head_dim']}, branches w = {setup['segment_lengths']}, r = {setup['dilation_rates']}.",
+        "Median of the timed runs; FLOPs count the (query, key) pairs each method must score "
+        "(4·D per pair forward, 12·D forward+backward); memory is peak resident memory above the "
+        "inputs during the call.",
+        "",
+        *summary(rows),
+        "",
+        "| dtype | N | pass | method | median s | tokens/s | GFLOP | GFLOP/s | peak GB |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['dtype']} | {row['length']} | {row['pass']} | {row['method']} | {row['median_s']:.3f} | "
+            f"{row['tokens_per_s']:.0f} | {row['gflops']:.0f} | {row['gflop_per_s']:.1f} | "
+            f"{row['peak_memory_gb']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, setup: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({row["dtype"] for row in rows})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes, strict=True):
+        for method, color in (("dilated", "tab:blue"), ("dense", "tab:red")):
+            for pass_, style in (("forward", "--"), ("forward+backward", "-")):
+                points = [
+                    (r["length"], r["median_s"])
+                    for r in rows
+                    if (r["dtype"], r["method"], r["pass"]) == (dtype, method, pass_)
+                ]
+                if points:
+                    ax.plot(
+                        *zip(*points, strict=True), style, marker="o", color=color, label=f"{method} {pass_}"
+                    )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("median time (s)")
+        ax.set_title(f"{dtype}, H={setup['heads']}, D={setup['head_dim']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Dilated attention vs dense causal SDPA — {setup['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
