@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny configs and a tokenizer trained here on local text (no Hub access)."""
+
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+# Branches small enough that a few dozen tokens cross several segment boundaries of each,
+# with w % r != 0 and r > num_key_value_heads.
+TINY_BRANCHES = dict(segment_lengths=[4, 8, 12], dilation_rates=[1, 2, 3])
+
+
+def tiny_config(**overrides):
+    from longnet import LongNetConfig
+
+    return LongNetConfig(**{**TINY, **TINY_BRANCHES, **overrides})
+
+
+def stdlib_text(max_chars: int = 200_000) -> str:
+    """Python standard library source, the corpus every machine has."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(stdlib.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        chunks.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return "\n".join(chunks)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A byte-level BPE tokenizer with TINY's vocabulary size, trained on stdlib code."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        [stdlib_text()], vocab_size=TINY["vocab_size"], special_tokens=["<pad>", "<s>", "</s>"]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    assert (fast.pad_token_id, fast.bos_token_id, fast.eos_token_id) == (0, 1, 2)
+    return fast
