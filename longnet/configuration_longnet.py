@@ -123,9 +123,7 @@ class LongNetConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be in [0, vocab_size={self.vocab_size}), got {value!r}")
         eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
         if any(value is not None and not 0 <= value < self.vocab_size for value in eos):
-            raise ValueError(
-                f"eos_token_id must be in [0, vocab_size={self.vocab_size}), got {self.eos_token_id!r}"
-            )
+            raise ValueError(f"eos_token_id must be in [0, vocab_size={self.vocab_size}), got {self.eos_token_id!r}")
 
 
 __all__ = ["LongNetConfig"]

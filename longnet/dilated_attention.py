@@ -59,6 +59,11 @@ def dilated_attention(
         The output ``(B, H, Lq, D)``, and the log-sum-exp when ``return_lse`` is set.
     """
     branches = check_branches(segment_lengths, dilation_rates)
+    device_type = query.device.type if isinstance(query, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(device_type):
+        # Like scaled_dot_product_attention under autocast: run in the autocast dtype.
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = (x.to(dtype) if isinstance(x, torch.Tensor) else x for x in (query, key, value))
     _check_tensors(query, key, value)
     backend = _resolve_backend(backend, query)
     if scale is None:
@@ -67,7 +72,8 @@ def dilated_attention(
         out, lse = eager_dilated_attention(query, key, value, branches, is_causal, scale)
         lse = lse.detach()
     else:
-        out, lse = _DilatedAttentionFunction.apply(query, key, value, branches, is_causal, scale, backend)
+        with torch.autocast(device_type, enabled=False):
+            out, lse = _DilatedAttentionFunction.apply(query, key, value, branches, is_causal, scale, backend)
     return (out, lse) if return_lse else out
 
 
@@ -75,9 +81,7 @@ def dilated_attention(
 # Input checks
 
 
-def check_branches(
-    segment_lengths: Sequence[int], dilation_rates: Sequence[int]
-) -> tuple[tuple[int, int], ...]:
+def check_branches(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> tuple[tuple[int, int], ...]:
     """Validates the branch lists and returns them as ``((w, r), ...)``."""
     for name, values in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
@@ -98,9 +102,7 @@ def check_branches(
             f"segment_lengths and dilation_rates must have the same length, got "
             f"{len(segment_lengths)} and {len(dilation_rates)}"
         )
-    return tuple(
-        (operator.index(w), operator.index(r)) for w, r in zip(segment_lengths, dilation_rates, strict=True)
-    )
+    return tuple((operator.index(w), operator.index(r)) for w, r in zip(segment_lengths, dilation_rates, strict=True))
 
 
 def _check_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -114,9 +116,7 @@ def _check_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) 
         if not tensor.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     if key.shape != value.shape:
-        raise ValueError(
-            f"key and value must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}"
-        )
+        raise ValueError(f"key and value must have the same shape, got {tuple(key.shape)} and {tuple(value.shape)}")
     batch, heads, q_len, head_dim = query.shape
     if key.shape[0] != batch:
         raise ValueError(f"query and key must have the same batch size, got {batch} and {key.shape[0]}")
@@ -125,8 +125,7 @@ def _check_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) 
     kv_heads, k_len = key.shape[1], key.shape[2]
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(
-            f"the number of query heads ({heads}) must be a multiple of the number of "
-            f"key/value heads ({kv_heads})"
+            f"the number of query heads ({heads}) must be a multiple of the number of key/value heads ({kv_heads})"
         )
     if q_len > k_len:
         raise ValueError(f"query length ({q_len}) must not exceed key length ({k_len})")
@@ -137,9 +136,7 @@ def _check_tensors(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) 
             f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
         )
     if not (query.dtype == key.dtype == value.dtype):
-        raise ValueError(
-            f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
-        )
+        raise ValueError(f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
 
 
 def _resolve_backend(backend: str, query: torch.Tensor) -> str:
@@ -285,9 +282,7 @@ def _layouts(
             n_segments = min(per_call, last_segment - start)
             yield (
                 branch,
-                _branch_layout(
-                    w, r, q_len, k_len, heads, kv_heads, is_causal, device, dtype, start, n_segments
-                ),
+                _branch_layout(w, r, q_len, k_len, heads, kv_heads, is_causal, device, dtype, start, n_segments),
             )
 
 
@@ -428,9 +423,7 @@ class _DilatedAttentionFunction(torch.autograd.Function):
         compute_dtype = torch.promote_types(query.dtype, torch.float32)
         out = query.new_zeros(batch, heads * q_len, head_dim, dtype=compute_dtype)
         lse = query.new_full((batch, heads * q_len), float("-inf"), dtype=compute_dtype)
-        for branch, layout in _layouts(
-            branches, q_len, k_len, heads, kv_heads, is_causal, query.device, query.dtype
-        ):
+        for branch, layout in _layouts(branches, q_len, k_len, heads, kv_heads, is_causal, query.device, query.dtype):
             branch_out, branch_lse = kernel_forward(
                 _to_kernel(flat_q.index_select(1, layout.query_index), layout, heads),
                 _to_kernel(flat_k.index_select(1, layout.key_index), layout, heads),
@@ -502,12 +495,8 @@ class _DilatedAttentionFunction(torch.autograd.Function):
             grad_q.index_add_(
                 1, layout.query_targets, _valid(_from_kernel(dq, batch), layout.query_slots).to(lse.dtype)
             )
-            grad_k.index_add_(
-                1, layout.key_targets, _valid(_from_kernel(dk, batch), layout.key_slots).to(lse.dtype)
-            )
-            grad_v.index_add_(
-                1, layout.key_targets, _valid(_from_kernel(dv, batch), layout.key_slots).to(lse.dtype)
-            )
+            grad_k.index_add_(1, layout.key_targets, _valid(_from_kernel(dk, batch), layout.key_slots).to(lse.dtype))
+            grad_v.index_add_(1, layout.key_targets, _valid(_from_kernel(dv, batch), layout.key_slots).to(lse.dtype))
         # Cast one accumulator at a time, so at most one extra copy is alive.
         grad_q = grad_q.to(query.dtype).view_as(query)
         grad_k = grad_k.to(key.dtype).view_as(key)

@@ -189,23 +189,24 @@ class LongNetAttention(nn.Module):
         if documents is None:
             output, weights = self._attend(query, key, value, eager, output_attentions)
         else:
-            output = query.new_zeros(query.shape)
-            weights = (
-                query.new_zeros(batch, query.shape[1], length, key.shape[2]) if output_attentions else None
-            )
-            for doc in documents:
-                doc_output, doc_weights = self._attend(
+            results = [
+                self._attend(
                     query[doc.row : doc.row + 1, :, doc.query_index],
                     key[doc.row : doc.row + 1, :, doc.key_index],
                     value[doc.row : doc.row + 1, :, doc.key_index],
                     eager,
                     output_attentions,
                 )
+                for doc in documents
+            ]
+            # Padding queries keep output 0. The kernel's dtype (autocast may lower it) sets the dtype.
+            dtype = results[0][0].dtype if results else query.dtype
+            output = query.new_zeros(query.shape, dtype=dtype)
+            weights = query.new_zeros(batch, query.shape[1], length, key.shape[2]) if output_attentions else None
+            for doc, (doc_output, doc_weights) in zip(documents, results, strict=True):
                 output[doc.row, :, doc.query_index] = doc_output[0]
                 if output_attentions:
-                    weights[doc.row, :, doc.query_index[:, None], doc.key_index] = doc_weights[0].to(
-                        weights.dtype
-                    )
+                    weights[doc.row, :, doc.query_index[:, None], doc.key_index] = doc_weights[0].to(weights.dtype)
         output = output.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(output), weights
 
@@ -338,9 +339,7 @@ class LongNetModel(LongNetPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states, weights = layer(
-                hidden_states, position_embeddings, documents, cache, output_attentions
-            )
+            hidden_states, weights = layer(hidden_states, position_embeddings, documents, cache, output_attentions)
             if output_attentions:
                 all_attentions += (weights,)
         hidden_states = self.norm(hidden_states)
@@ -396,9 +395,7 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             # kwargs carries num_items_in_batch from the Trainer (gradient accumulation).
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
-            )
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -458,9 +455,7 @@ class LongNetForSequenceClassification(LongNetPreTrainedModel):
         pooled_logits = logits[torch.arange(batch, device=logits.device), last]
         loss = None
         if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config
-            )
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
         output = SequenceClassifierOutputWithPast(
             loss=loss,
             logits=pooled_logits,

@@ -114,8 +114,7 @@ def main() -> None:
             methods = ["dilated"] + (["dense"] if length <= args.dense_max_length else [])
             generator = torch.Generator().manual_seed(0)
             q, k, v = (
-                torch.randn(1, args.heads, length, args.head_dim, generator=generator).to(dtype)
-                for _ in range(3)
+                torch.randn(1, args.heads, length, args.head_dim, generator=generator).to(dtype) for _ in range(3)
             )
             pairs = {
                 "dilated": dilated_pairs(length, args.heads, PAPER_SEGMENTS, PAPER_RATES),
@@ -157,9 +156,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    )
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     setup = {
         "machine": machine,
         "heads": args.heads,
@@ -252,9 +249,7 @@ def plot(rows: list[dict], path: Path, setup: dict) -> None:
                     if (r["dtype"], r["method"], r["pass"]) == (dtype, method, pass_)
                 ]
                 if points:
-                    ax.plot(
-                        *zip(*points, strict=True), style, marker="o", color=color, label=f"{method} {pass_}"
-                    )
+                    ax.plot(*zip(*points, strict=True), style, marker="o", color=color, label=f"{method} {pass_}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length N")

@@ -51,9 +51,7 @@ def tokenizer(tmp_path_factory):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        [stdlib_text()], vocab_size=TINY["vocab_size"], special_tokens=["<pad>", "<s>", "</s>"]
-    )
+    bpe.train_from_iterator([stdlib_text()], vocab_size=TINY["vocab_size"], special_tokens=["<pad>", "<s>", "</s>"])
     fast = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     assert (fast.pad_token_id, fast.bos_token_id, fast.eos_token_id) == (0, 1, 2)
     return fast

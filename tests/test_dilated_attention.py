@@ -46,9 +46,7 @@ def test_matches_dense_reference_fp32(backend, is_causal, case):
     batch, heads, kv_heads, q_len, k_len, branches = CASES[case]
     q, k, v = make_inputs(batch, heads, kv_heads, q_len, k_len, 16, torch.float32, device_of(backend))
     segments, rates = zip(*branches, strict=True)
-    out, lse = dilated_attention(
-        q, k, v, segments, rates, is_causal=is_causal, backend=backend, return_lse=True
-    )
+    out, lse = dilated_attention(q, k, v, segments, rates, is_causal=is_causal, backend=backend, return_lse=True)
     ref_out, ref_lse = reference_attention(q, k, v, branches, is_causal)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
@@ -107,19 +105,14 @@ def test_gradients_match_reference_fp64(backend, is_causal, case):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_gradients_match_reference_fp32():
     batch, heads, kv_heads, q_len, k_len, branches = CASES["w-not-multiple-of-r"]
-    inputs = [
-        x.requires_grad_()
-        for x in make_inputs(batch, heads, kv_heads, q_len, k_len, 16, torch.float32, "cuda")
-    ]
+    inputs = [x.requires_grad_() for x in make_inputs(batch, heads, kv_heads, q_len, k_len, 16, torch.float32, "cuda")]
     segments, rates = zip(*branches, strict=True)
     grad_out = torch.randn(batch, heads, q_len, 16, device="cuda")
     for is_causal in (True, False):
         grads = torch.autograd.grad(
             dilated_attention(*inputs, segments, rates, is_causal=is_causal, backend="cuda"), inputs, grad_out
         )
-        ref_grads = torch.autograd.grad(
-            reference_attention(*inputs, branches, is_causal)[0], inputs, grad_out.double()
-        )
+        ref_grads = torch.autograd.grad(reference_attention(*inputs, branches, is_causal)[0], inputs, grad_out.double())
         for grad, ref_grad in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(grad.double(), ref_grad, atol=1e-4, rtol=0)
 
@@ -156,9 +149,7 @@ def test_gradient_flows_through_mixing_weights(backend):
     detached_grads = torch.autograd.grad(detached, inputs, grad_out)
     assert max((g - rg).abs().max().item() for g, rg in zip(detached_grads, ref_grads, strict=True)) > 1e-2
 
-    grads = torch.autograd.grad(
-        dilated_attention(*inputs, [8, 16], [1, 2], backend=backend), inputs, grad_out
-    )
+    grads = torch.autograd.grad(dilated_attention(*inputs, [8, 16], [1, 2], backend=backend), inputs, grad_out)
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref_grad, atol=1e-10, rtol=0)
 
@@ -202,9 +193,7 @@ def test_long_sequence_without_quadratic_memory():
     # Segments never cross a multiple of every w, so the last 16384 positions are an independent
     # problem: check them against the eager reference backend.
     tail = slice(n - 16384, n)
-    expected = dilated_attention(
-        q[:, :, tail], k[:, :, tail], v[:, :, tail], segments, rates, backend="eager"
-    )
+    expected = dilated_attention(q[:, :, tail], k[:, :, tail], v[:, :, tail], segments, rates, backend="eager")
     torch.testing.assert_close(out[:, :, tail], expected, atol=1e-5, rtol=0)
 
 

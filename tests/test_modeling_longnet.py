@@ -178,9 +178,7 @@ def test_remote_code_loads_without_the_package(tmp_path, tokenizer):
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])
     torch.testing.assert_close(torch.tensor(remote["logits"]), model(ids).logits, atol=1e-6, rtol=0)
-    torch.testing.assert_close(
-        torch.tensor(remote["hidden"]), model.model(ids).last_hidden_state, atol=1e-6, rtol=0
-    )
+    torch.testing.assert_close(torch.tensor(remote["hidden"]), model.model(ids).last_hidden_state, atol=1e-6, rtol=0)
     assert remote["text"].startswith("def main(") and len(remote["text"]) > len("def main(")
 
 
@@ -311,9 +309,7 @@ def test_packed_batch_equals_documents_run_separately():
     for doc in docs:
         ids = torch.tensor([doc])
         alone = model(ids, labels=ids)
-        torch.testing.assert_close(
-            packed.logits[:, start : start + len(doc)], alone.logits, atol=1e-5, rtol=0
-        )
+        torch.testing.assert_close(packed.logits[:, start : start + len(doc)], alone.logits, atol=1e-5, rtol=0)
         total_loss += alone.loss.item() * (len(doc) - 1)
         total_tokens += len(doc) - 1
         start += len(doc)

@@ -1,0 +1,83 @@
+"""Fills a model card template from what a saved model folder holds (config, metrics, evaluation)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+
+def render_model_card(
+    template: str | Path,
+    folder: str | Path,
+    repo_id: str | None = None,
+    license: str = "apache-2.0",
+    datasets: list[str] | None = None,
+) -> str:
+    """The card for ``folder``: its config, ``all_results.json`` metrics and perplexity table, if present."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    results = _read_json(folder / "all_results.json")
+    info = _read_json(folder / "training_info.json")
+    perplexity = folder / "perplexity_by_context.md"
+    datasets = datasets if datasets is not None else info.get("datasets", [])
+    metrics = [
+        {"type": "perplexity", "value": round(v, 3), "name": f"perplexity at {k} tokens"}
+        for k, v in sorted(
+            _read_json(folder / "perplexity_by_context.json").get("model", {}).items(),
+            key=lambda kv: int(kv[0]),
+        )
+    ]
+    metrics_yaml = ""
+    if metrics:
+        metrics_yaml = yaml.safe_dump(
+            {
+                "model-index": [
+                    {
+                        "name": repo_id or folder.name,
+                        "results": [{"task": {"type": "text-generation"}, "metrics": metrics}],
+                    }
+                ]
+            },
+            sort_keys=False,
+        )
+    segments = config.get("segment_lengths") or []
+    fields = {
+        "license": license,
+        "datasets_yaml": yaml.safe_dump({"datasets": datasets}, sort_keys=False) if datasets else "",
+        "metrics_yaml": metrics_yaml,
+        "model_name": repo_id or folder.name,
+        "repo_id": repo_id or str(folder),
+        "architecture": ", ".join(config.get("architectures", [])),
+        "segment_lengths": segments,
+        "dilation_rates": config.get("dilation_rates"),
+        "max_segment": max(segments) if segments else "n/a",
+        "vocab_size": config.get("vocab_size"),
+        "parameters": f"{info['parameters']:,}" if "parameters" in info else "see config.json",
+        "training_data": info.get("training_data", "not recorded"),
+        "evaluation": perplexity.read_text().split("\n", 2)[-1].strip()
+        if perplexity.exists()
+        else "No evaluation results were saved with this model.",
+        "training": _training_section(results, info),
+    }
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads"):
+        fields[key] = config.get(key)
+    return Path(template).read_text().format(**fields)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _training_section(results: dict, info: dict) -> str:
+    if not results and not info:
+        return "No training record was saved with this model."
+    lines = [f"- {key}: {value}" for key, value in info.get("summary", {}).items()]
+    lines += [
+        f"- {key}: {value:.4g}" if isinstance(value, float) else f"- {key}: {value}"
+        for key, value in sorted(results.items())
+    ]
+    if "command" in info:
+        lines.append(f"\nCommand: `{info['command']}`")
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""Data for training causal LMs on long documents: corpus files, a tokenizer, packed blocks.
+
+Used by ``scripts/train.py`` and ``scripts/evaluate.py``; not needed to load or run a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import datasets
+from transformers import PreTrainedTokenizerFast
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".java", ".js", ".ts", ".go", ".rs"}
+TABLE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+
+
+def stdlib_python_files() -> list[str]:
+    """The Python standard library's own ``.py`` files (no third-party site-packages)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(
+        str(path)
+        for path in root.rglob("*.py")
+        if not {"site-packages", "dist-packages", "__pycache__"} & set(path.relative_to(root).parts)
+    )
+
+
+def expand_paths(paths: Iterable[str]) -> list[str]:
+    """Files named directly, plus the text, code and table files found under named folders."""
+    files = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            files += sorted(
+                str(p) for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | set(TABLE_SUFFIXES)
+            )
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            raise FileNotFoundError(f"data path {name!r} does not exist")
+    if not files:
+        raise FileNotFoundError(f"no data files found in {list(paths)}")
+    return files
+
+
+def split_by_file(files: list[str], validation_percentage: float) -> tuple[list[str], list[str]]:
+    """A deterministic train/validation split by file (a file's hash decides), so no document is in both."""
+    validation = [f for f in files if _hash_fraction(f) < validation_percentage / 100]
+    train = [f for f in files if f not in set(validation)]
+    if not validation or not train:
+        raise ValueError(f"validation_split_percentage={validation_percentage} leaves a split empty")
+    return train, validation
+
+
+def _hash_fraction(name: str) -> float:
+    digest = hashlib.sha1(os.path.basename(name).encode() + name.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def load_documents(files: list[str], text_column: str = "text") -> datasets.Dataset:
+    """One example per document: a whole text/code file, or a row of a json/jsonl/parquet/csv file."""
+    kinds = {TABLE_SUFFIXES.get(Path(f).suffix, "text") for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"mix of file kinds {sorted(kinds)}: pass text files or table files, not both")
+    kind = kinds.pop()
+    if kind == "text":
+        dataset = datasets.load_dataset(
+            "text", data_files=files, sample_by="document", split="train", encoding_errors="replace"
+        )
+    else:
+        dataset = datasets.load_dataset(kind, data_files=files, split="train")
+    if text_column not in dataset.column_names:
+        raise ValueError(f"text_column {text_column!r} not in the data's columns {dataset.column_names}")
+    dataset = dataset.select_columns([text_column])
+    if text_column != "text":
+        dataset = dataset.rename_column(text_column, "text")
+    return dataset.filter(lambda example: bool(example["text"] and example["text"].strip()))
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (any text encodes; no unknown tokens), trained on ``texts``."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>", model_max_length=10**9
+    )
+    return tokenizer
+
+
+def pack_documents(
+    dataset: datasets.Dataset, tokenizer, block_size: int, num_proc: int | None = None
+) -> datasets.Dataset:
+    """Tokenizes documents and packs them into ``block_size`` blocks that never attend across documents.
+
+    Each block has ``input_ids``, ``labels`` and ``position_ids``; ``position_ids`` restart at 0 where a
+    document (or a block) starts, which LongNet and transformers' Llama both read as a document
+    boundary, and the label of a document's first token is -100 (nothing before it predicts it).
+    Tokens left over at the end of each batch of documents are dropped, as in transformers' run_clm.
+    """
+    eos = tokenizer.eos_token_id
+
+    def tokenize_and_pack(batch):
+        ids, starts = [], []
+        for text in batch["text"]:
+            document = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+            starts += [True] + [False] * (len(document) - 1)
+            ids += document
+        blocks = {"input_ids": [], "labels": [], "position_ids": []}
+        for begin in range(0, len(ids) - block_size + 1, block_size):
+            block_ids = ids[begin : begin + block_size]
+            block_starts = [True] + starts[begin + 1 : begin + block_size]
+            positions, labels, position = [], [], 0
+            for token, start in zip(block_ids, block_starts, strict=True):
+                position = 0 if start else position + 1
+                positions.append(position)
+                labels.append(-100 if start else token)
+            blocks["input_ids"].append(block_ids)
+            blocks["labels"].append(labels)
+            blocks["position_ids"].append(positions)
+        return blocks
+
+    return dataset.map(
+        tokenize_and_pack,
+        batched=True,
+        batch_size=256,
+        remove_columns=dataset.column_names,
+        num_proc=num_proc,
+        desc=f"Tokenizing and packing into blocks of {block_size}",
+    )

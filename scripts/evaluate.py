@@ -1,0 +1,90 @@
+"""Perplexity of causal LM folders (LongNet or dense) by context length, side by side.
+
+Every model is scored on the same held-out documents at every length, read in independent windows
+of that length. Writes ``{out}.md`` (table), ``{out}.json`` and ``{out}.png`` (plot).
+
+    python scripts/evaluate.py outputs/longnet-stdlib outputs/llama-stdlib --out docs/results/stdlib_perplexity
+    python scripts/evaluate.py MODEL --validation_file held_out/ --context_lengths 1024 4096 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import longnet  # noqa: F401  (registers LongNet with the Auto classes)
+from longnet.evaluation import evaluation_documents, perplexity_by_context, write_report
+from longnet.training import expand_paths, load_documents, split_by_file, stdlib_python_files
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", help="model folders")
+    parser.add_argument("--names", nargs="+", help="column names (default: folder names)")
+    parser.add_argument(
+        "--validation_file",
+        nargs="+",
+        help="files or folders; default: the held-out standard library files of the main job's split",
+    )
+    parser.add_argument("--validation_split_percentage", type=float, default=5.0)
+    parser.add_argument("--text_column", default="text")
+    parser.add_argument("--context_lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--max_documents", type=int, default=4)
+    parser.add_argument("--tokenizer_name", help="default: the first model's tokenizer")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--trust_remote_code", action="store_true")
+    parser.add_argument("--out", default="perplexity_by_context")
+    args = parser.parse_args()
+
+    names = args.names or [Path(m).name for m in args.models]
+    if len(names) != len(args.models):
+        parser.error(f"--names gives {len(names)} names for {len(args.models)} models")
+    for folder in args.models:
+        if not (Path(folder) / "config.json").exists():
+            parser.error(f"{folder!r} is not a model folder (no config.json)")
+    if args.validation_file:
+        files = expand_paths(args.validation_file)
+    else:
+        files = split_by_file(stdlib_python_files(), args.validation_split_percentage)[1]
+    tokenizer = AutoTokenizer.from_pretrained(
+        args.tokenizer_name or args.models[0], trust_remote_code=args.trust_remote_code
+    )
+    texts = load_documents(files, args.text_column)["text"]
+    token_lists = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    documents, lengths = evaluation_documents(token_lists, args.context_lengths, args.max_documents)
+    print(f"{len(documents)} documents of {lengths[-1]} tokens; context lengths {lengths}")
+
+    results = {}
+    for name, folder in zip(names, args.models, strict=True):
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code
+        )
+        results[name] = perplexity_by_context(model, documents, lengths, description=name)
+        trained = (
+            json.loads((Path(folder) / "training_info.json").read_text())
+            if (Path(folder) / "training_info.json").exists()
+            else {}
+        )
+        block = trained.get("summary", {}).get("tokens per sequence")
+        print(
+            f"{name}: "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in results[name].items())
+            + (f"  (trained at {block} tokens)" if block else "")
+        )
+        del model
+    write_report(
+        results,
+        Path(args.out),
+        title="Validation perplexity by context length",
+        notes=f"{len(documents)} held-out documents of {lengths[-1]} tokens each, read in independent windows "
+        f"of each length ({args.dtype}).",
+    )
+    print(f"wrote {args.out}.md, {args.out}.json, {args.out}.png")
+
+
+if __name__ == "__main__":
+    main()

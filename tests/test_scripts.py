@@ -1,0 +1,293 @@
+"""scripts/train.py and scripts/evaluate.py, run as a user runs them, on a tiny corpus and model."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import longnet  # noqa: F401  (registers LongNet with the Auto classes, as a user of the package does)
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "scripts" / "train.py")
+EVALUATE = str(ROOT / "scripts" / "evaluate.py")
+TINY_ARGS = [
+    "--block_size",
+    "128",
+    "--vocab_size",
+    "300",
+    "--hidden_size",
+    "32",
+    "--intermediate_size",
+    "64",
+    "--num_hidden_layers",
+    "2",
+    "--num_attention_heads",
+    "2",
+    "--segment_lengths",
+    "16",
+    "32",
+    "64",
+    "128",
+    "--dilation_rates",
+    "1",
+    "2",
+    "4",
+    "8",
+    "--max_position_embeddings",
+    "1024",
+    "--eval_context_lengths",
+    "32",
+    "64",
+    "128",
+    "256",
+    "--bf16",
+    "false",
+    "--disable_tqdm",
+    "true",
+    "--learning_rate",
+    "5e-3",
+    "--warmup_steps",
+    "0",
+    "--logging_steps",
+    "1",
+    "--validation_split_percentage",
+    "25",
+    "--seed",
+    "7",
+]
+
+
+def run(args, cwd=None, check=True, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(args, capture_output=True, text=True, cwd=cwd, env=env, **kwargs)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """About 30 standard library modules, as a folder of .py files."""
+    folder = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for package in ("json", "email", "http"):
+        for path in sorted((stdlib / package).glob("*.py")):
+            shutil.copy(path, folder / f"{package}_{path.name}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """One LongNet and one dense Llama run of the same size on the same data."""
+    runs = {}
+    for attention in ("dilated", "dense"):
+        out = tmp_path_factory.mktemp(attention) / "model"
+        result = run(
+            [
+                sys.executable,
+                TRAIN,
+                "--train_file",
+                str(corpus),
+                "--output_dir",
+                str(out),
+                "--attention",
+                attention,
+                "--max_steps",
+                "16",
+                "--save_steps",
+                "8",
+                *TINY_ARGS,
+            ]
+        )
+        runs[attention] = (out, result.stdout + result.stderr)
+    return runs
+
+
+def logged_losses(folder: Path) -> list[float]:
+    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+@pytest.mark.parametrize("attention", ["dilated", "dense"])
+def test_training_lowers_the_loss_and_saves_a_loadable_folder(trained, attention):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    folder, log = trained[attention]
+    losses = logged_losses(folder)
+    assert len(losses) == 16 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "README.md",
+        "all_results.json",
+        "perplexity_by_context.md",
+        "perplexity_by_context.png",
+        "training_info.json",
+    ):
+        assert (folder / name).exists(), name
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model).__name__ == ("LongNetForCausalLM" if attention == "dilated" else "LlamaForCausalLM")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = "def handler(self, request):\n    return None  # ünïcode\n"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert len(tokenizer) <= model.config.vocab_size
+    out = pipeline("text-generation", model=model, tokenizer=tokenizer)("import ", max_new_tokens=5, do_sample=False)
+    assert out[0]["generated_text"].startswith("import ")
+    assert "Validation perplexity by context length" in log and "Completion from the reloaded folder" in log
+
+
+def test_evaluate_puts_models_side_by_side(trained, corpus, tmp_path):
+    out = tmp_path / "side_by_side"
+    validation = sorted(corpus.glob("*.py"))[:8]
+    run(
+        [
+            sys.executable,
+            EVALUATE,
+            str(trained["dilated"][0]),
+            str(trained["dense"][0]),
+            "--names",
+            "LongNet",
+            "Llama",
+            "--validation_file",
+            *map(str, validation),
+            "--context_lengths",
+            "32",
+            "64",
+            "128",
+            "--out",
+            str(out),
+        ]
+    )
+    table = out.with_suffix(".md").read_text()
+    assert "| context | LongNet | Llama |" in table
+    assert all(f"| {n} |" in table for n in (32, 64, 128))
+    values = json.loads(out.with_suffix(".json").read_text())
+    assert set(values) == {"LongNet", "Llama"} and all(v > 1 for r in values.values() for v in r.values())
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def final_weights(folder: Path) -> dict:
+    return load_file(folder / "model.safetensors")
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(corpus, tmp_path):
+    args = ["--train_file", str(corpus), "--max_steps", "30", "--save_steps", "3", *TINY_ARGS]
+    whole = tmp_path / "whole"
+    run([sys.executable, TRAIN, "--output_dir", str(whole), *args])
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, TRAIN, "--output_dir", str(killed), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (killed / "checkpoint-6").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model.safetensors").exists(), "the run finished before it was killed"
+    assert not (killed / "checkpoint-30").exists()
+
+    # The folder is not empty: without --resume_from_checkpoint the script refuses to write into it.
+    refused = run([sys.executable, TRAIN, "--output_dir", str(killed), *args], check=False)
+    assert refused.returncode != 0 and "--overwrite_output_dir" in refused.stderr
+    run([sys.executable, TRAIN, "--output_dir", str(killed), "--resume_from_checkpoint", "last", *args])
+    expected, got = final_weights(whole), final_weights(killed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_two_process_data_parallel_run_trains_and_saves_once(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(29500 + os.getpid() % 1000),
+            TRAIN,
+            "--train_file",
+            str(corpus),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "6",
+            "--save_steps",
+            "6",
+            *TINY_ARGS,
+        ]
+    )
+    log = result.stdout + result.stderr
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["summary"]["processes"] == 2
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
+    assert log.count("Saved to ") == 1
+    assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--train_file", "/no/such/folder"], "--train_file '/no/such/folder' does not exist"),
+        (["--block_size", "2048"], "--block_size 2048 is larger than the model supports"),
+        (["--vocab_size", "2000", "--config_name", "{small_config}"], "the tokenizer has"),
+        (["--attention", "sparse"], "--attention must be 'dilated' or 'dense'"),
+    ],
+)
+def test_bad_arguments_stop_before_training(corpus, tmp_path, extra, message):
+    from longnet import LongNetConfig
+
+    small = tmp_path / "small.json"
+    LongNetConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        segment_lengths=[16],
+        dilation_rates=[1],
+    ).to_json_file(small)
+    extra = [e.format(small_config=small) for e in extra]
+    out = tmp_path / "out"
+    args = ["--train_file", str(corpus), *TINY_ARGS, "--output_dir", str(out), "--max_steps", "4", *extra]
+    result = run([sys.executable, TRAIN, *args], check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_existing_output_dir_is_never_overwritten(corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("user data")
+    result = run(
+        [sys.executable, TRAIN, "--train_file", str(corpus), "--output_dir", str(out), *TINY_ARGS],
+        check=False,
+    )
+    assert result.returncode == 2 and "exists and is not empty" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
