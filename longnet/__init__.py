@@ -10,9 +10,11 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
+from . import attention_interface  # noqa: F401  (registers attn_implementation="longnet_dilated")
 from .configuration_longnet import LongNetConfig
 from .dilated_attention import dilated_attention
 from .modeling_longnet import (
+    LongNetCache,
     LongNetForCausalLM,
     LongNetForSequenceClassification,
     LongNetModel,
@@ -34,6 +36,7 @@ AutoModelForSequenceClassification.register(LongNetConfig, LongNetForSequenceCla
 __all__ = [
     "dilated_attention",
     "LongNetConfig",
+    "LongNetCache",
     "LongNetPreTrainedModel",
     "LongNetModel",
     "LongNetForCausalLM",

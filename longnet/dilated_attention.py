@@ -71,6 +71,9 @@ def dilated_attention(
     if backend == "eager":
         out, lse = eager_dilated_attention(query, key, value, branches, is_causal, scale)
         lse = lse.detach()
+    elif query.shape[2] <= GATHER_MAX_QUERIES and query.shape[2] < key.shape[2]:
+        out, lse = gathered_dilated_attention(query, key, value, branches, is_causal, scale)
+        lse = lse.detach()
     else:
         with torch.autocast(device_type, enabled=False):
             out, lse = _DilatedAttentionFunction.apply(query, key, value, branches, is_causal, scale, backend)
@@ -217,6 +220,57 @@ def eager_dilated_attention(
         return out.to(query.dtype), lse
     weights = (mix[..., None] * torch.stack(probs)).sum(0)
     return out.to(query.dtype), lse, weights
+
+
+# A few queries against a long cache (decoding): gather each query's keys instead of running whole
+# segments, so a step costs O(sum of w / r), not O(w^2 / r^2).
+GATHER_MAX_QUERIES = 32
+
+
+def gathered_dilated_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    branches: Sequence[tuple[int, int]],
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dilated attention by gathering, per query, the keys of each branch; plain autograd.
+
+    For query position t and branch (w, r), the heads that take part are those with
+    ``h mod r == (t mod w) mod r``, and they all see the same keys: ``start + c + j*r`` for the
+    segment start ``start`` and ``c = (t mod w) mod r``. Memory is O(Lq * w / r) per branch.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    compute_dtype = torch.promote_types(query.dtype, torch.float32)
+    device = query.device
+    t = torch.arange(k_len - q_len, k_len, device=device).view(q_len, 1)
+    q = query.to(compute_dtype).view(batch, kv_heads, heads // kv_heads, q_len, head_dim)
+    head = torch.arange(heads, device=device).view(heads, 1)
+    outs, lses = [], []
+    for w, r in branches:
+        start = t // w * w
+        residue = (t - start) % r  # (Lq, 1)
+        slot = torch.arange(-(-w // r), device=device).view(1, -1)
+        position = start + residue + slot * r  # (Lq, m)
+        valid = (residue + slot * r < w) & (position < k_len)
+        if is_causal:
+            valid = valid & (position <= t)
+        index = position.clamp(max=k_len - 1)
+        k = key[:, :, index].to(compute_dtype)  # (B, Hkv, Lq, m, D)
+        v = value[:, :, index].to(compute_dtype)
+        scores = torch.einsum("bkgqd,bkqmd->bkgqm", q, k).flatten(1, 2) * scale  # (B, H, Lq, m)
+        takes_part = (head % r) == residue.view(1, q_len)  # (H, Lq)
+        allowed = valid.unsqueeze(0) & takes_part.unsqueeze(-1)  # (H, Lq, m)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        covered = allowed.any(-1)
+        lse = torch.logsumexp(scores.masked_fill(~covered[..., None], 0.0), dim=-1)
+        p = torch.exp(scores - lse[..., None]).view(batch, kv_heads, heads // kv_heads, q_len, -1)
+        outs.append(torch.einsum("bkgqm,bkqmd->bkgqd", p, v).reshape(batch, heads, q_len, head_dim))
+        lses.append(torch.where(covered, lse, float("-inf")))
+    out, lse, _ = merge_branches(torch.stack(outs), torch.stack(lses))
+    return out.to(query.dtype), lse
 
 
 def merge_branches(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

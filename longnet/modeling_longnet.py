@@ -11,13 +11,14 @@ from its first real token, so a padded or packed batch gives what each sequence 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -97,6 +98,73 @@ class LongNetMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class LongNetCacheLayer(DynamicLayer):
+    """One layer's keys and values, less the oldest positions that no later query can attend.
+
+    ``get_seq_length`` still counts the dropped positions, so generation sees the whole text."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropped = 0
+
+    def drop_front(self, count: int) -> None:
+        if count > 0 and self.is_initialized:
+            self.keys = self.keys[..., count:, :]
+            self.values = self.values[..., count:, :]
+            self.dropped += count
+
+    def get_seq_length(self) -> int:
+        return self.dropped + super().get_seq_length()
+
+    def reset(self) -> None:
+        super().reset()
+        self.dropped = 0
+
+
+class LongNetCache(DynamicCache):
+    """LongNet's default KV cache: its size stays bounded however long generation runs.
+
+    A query at position t attends, in branch (w, r), only keys of its own segment, which starts at
+    or after ``t - t mod L`` for ``L = lcm(segment_lengths)``. So keys before the current period of
+    length L are dropped; dilated positions stay exact because each row's kept keys start at a
+    multiple of L of that row's own positions. With the paper's segment lengths L is the longest one.
+    """
+
+    def __init__(self):
+        Cache.__init__(self, layer_class_to_replicate=LongNetCacheLayer)
+
+    @property
+    def dropped(self) -> int:
+        return self.layers[0].dropped if self.layers else 0
+
+    def drop_front(self, count: int) -> None:
+        for layer in self.layers:
+            layer.drop_front(count)
+
+
+def trim_cache(
+    cache: LongNetCache, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, period: int
+) -> torch.Tensor | None:
+    """Drops what no query of this step can attend and returns the key mask for what is left.
+
+    ``attention_mask`` is ``(B, total length)`` or None; ``position_ids`` ``(B, Lq)`` are positions in
+    each row's own sequence. Row b needs keys from the start of its current period, ``past -
+    position_ids[b, 0] mod period``; the cache keeps the earliest of those over the batch and the
+    returned mask hides, per row, the kept keys before its own start. Anything but left padding (holes,
+    packed rows) keeps the cache whole.
+    """
+    past_length = cache.get_seq_length()
+    if attention_mask is not None and not bool((attention_mask[:, 1:] >= attention_mask[:, :-1]).all()):
+        return attention_mask[:, cache.dropped :]
+    row_start = past_length - position_ids[:, 0] % period  # (B,)
+    cache.drop_front(int(row_start.min()) - cache.dropped)
+    key_index = torch.arange(cache.dropped, past_length + position_ids.shape[1], device=position_ids.device)
+    mask = key_index >= row_start[:, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, cache.dropped :]
+    return mask
+
+
 @dataclass
 class Document:
     """One sequence inside a batch row: its key positions and query positions (indices into the
@@ -140,6 +208,51 @@ def find_documents(
             if query_index.numel() > 0:
                 documents.append(Document(row, key_index, query_index))
     return documents
+
+
+def attend_documents(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    documents: list[Document] | None,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    scale: float,
+    backend: str = "auto",
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal dilated attention over ``(B, H, L, D)`` inputs, each document on its own.
+
+    Returns the output ``(B, H, Lq, D)`` (0 at padding queries) and, with ``output_attentions`` (eager
+    backend only), the weights ``(B, H, Lq, Lk)``.
+    """
+
+    def attend(q, k, v):
+        if backend != "eager":
+            return dilated_attention(q, k, v, segment_lengths, dilation_rates, scale=scale, backend=backend), None
+        branches = list(zip(segment_lengths, dilation_rates, strict=True))
+        out, _, weights = eager_dilated_attention(q, k, v, branches, True, scale, return_weights=True)
+        return out, (weights if output_attentions else None)
+
+    if documents is None:
+        return attend(query, key, value)
+    results = [
+        attend(
+            query[doc.row : doc.row + 1, :, doc.query_index],
+            key[doc.row : doc.row + 1, :, doc.key_index],
+            value[doc.row : doc.row + 1, :, doc.key_index],
+        )
+        for doc in documents
+    ]
+    # Padding queries keep output 0. The kernel's dtype (autocast may lower it) sets the dtype.
+    batch, heads, q_len, _ = query.shape
+    output = query.new_zeros(query.shape, dtype=results[0][0].dtype if results else query.dtype)
+    weights = query.new_zeros(batch, heads, q_len, key.shape[2]) if output_attentions else None
+    for doc, (doc_output, doc_weights) in zip(documents, results, strict=True):
+        output[doc.row, :, doc.query_index] = doc_output[0]
+        if output_attentions:
+            weights[doc.row, :, doc.query_index[:, None], doc.key_index] = doc_weights[0].to(weights.dtype)
+    return output, weights
 
 
 class LongNetAttention(nn.Module):
@@ -186,38 +299,19 @@ class LongNetAttention(nn.Module):
         eager = self.config._attn_implementation == "eager"
         if output_attentions and not eager:
             raise ValueError("output_attentions=True needs attn_implementation='eager'")
-        if documents is None:
-            output, weights = self._attend(query, key, value, eager, output_attentions)
-        else:
-            results = [
-                self._attend(
-                    query[doc.row : doc.row + 1, :, doc.query_index],
-                    key[doc.row : doc.row + 1, :, doc.key_index],
-                    value[doc.row : doc.row + 1, :, doc.key_index],
-                    eager,
-                    output_attentions,
-                )
-                for doc in documents
-            ]
-            # Padding queries keep output 0. The kernel's dtype (autocast may lower it) sets the dtype.
-            dtype = results[0][0].dtype if results else query.dtype
-            output = query.new_zeros(query.shape, dtype=dtype)
-            weights = query.new_zeros(batch, query.shape[1], length, key.shape[2]) if output_attentions else None
-            for doc, (doc_output, doc_weights) in zip(documents, results, strict=True):
-                output[doc.row, :, doc.query_index] = doc_output[0]
-                if output_attentions:
-                    weights[doc.row, :, doc.query_index[:, None], doc.key_index] = doc_weights[0].to(weights.dtype)
+        output, weights = attend_documents(
+            query,
+            key,
+            value,
+            documents,
+            self.config.segment_lengths,
+            self.config.dilation_rates,
+            self.scaling,
+            backend="eager" if eager else "auto",
+            output_attentions=output_attentions,
+        )
         output = output.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(output), weights
-
-    def _attend(self, query, key, value, eager: bool, output_attentions: bool):
-        branches = (self.config.segment_lengths, self.config.dilation_rates)
-        if not eager:
-            return dilated_attention(query, key, value, *branches, scale=self.scaling), None
-        output, _, weights = eager_dilated_attention(
-            query, key, value, list(zip(*branches, strict=True)), True, self.scaling, return_weights=True
-        )
-        return output, (weights if output_attentions else None)
 
 
 class LongNetDecoderLayer(GradientCheckpointingLayer):
@@ -311,7 +405,7 @@ class LongNetModel(LongNetPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = LongNetCache()
 
         batch, query_length = inputs_embeds.shape[:2]
         past_length = cache.get_seq_length() if cache is not None else 0
@@ -330,7 +424,12 @@ class LongNetModel(LongNetPreTrainedModel):
             else:
                 position_ids = torch.arange(past_length, key_length, device=inputs_embeds.device).unsqueeze(0)
         position_ids = position_ids.expand(batch, -1)
-        documents = find_documents(attention_mask, position_ids, past_length)
+        key_mask = attention_mask
+        if isinstance(cache, LongNetCache) and past_length > 0:
+            period = math.lcm(*self.config.segment_lengths)
+            key_mask = trim_cache(cache, attention_mask, position_ids, period)
+        stored_past = past_length - (cache.dropped if isinstance(cache, LongNetCache) else 0)
+        documents = find_documents(key_mask, position_ids, stored_past)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -355,6 +454,12 @@ class LongNetModel(LongNetPreTrainedModel):
 
 class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() then makes no DynamicCache: the first forward makes a LongNetCache and generate()
+        # carries it on. A cache the user passes is used as it is.
+        return False
 
     def __init__(self, config: LongNetConfig):
         super().__init__(config)

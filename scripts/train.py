@@ -36,12 +36,11 @@ from transformers import (
     pipeline,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import longnet  # noqa: F401  (registers LongNet with the Auto classes)
 from longnet import LongNetConfig, LongNetForCausalLM
 from longnet.evaluation import evaluation_documents, perplexity_by_context, write_report
-from longnet.model_card import render_model_card
+from longnet.hub import render_model_card
 from longnet.training import (
     expand_paths,
     load_documents,
@@ -224,13 +223,27 @@ def resume_path(training_args) -> str | None:
     if value is None:
         return None
     if str(value).lower() in ("true", "last"):
-        last = get_last_checkpoint(training_args.output_dir)
+        last = last_complete_checkpoint(Path(training_args.output_dir))
         if last is None:
             fail(f"no checkpoint in {training_args.output_dir!r} to resume from")
         return last
     if not Path(value).is_dir():
         fail(f"--resume_from_checkpoint {value!r} is not a folder")
     return value
+
+
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint whose trainer_state.json, which the Trainer writes last, is complete.
+
+    A run killed while saving leaves a partial checkpoint behind; resuming from it would fail."""
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True)
+    for checkpoint in checkpoints:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return str(checkpoint)
+    return None
 
 
 def load_data(data_args) -> tuple[datasets.Dataset, datasets.Dataset, str]:

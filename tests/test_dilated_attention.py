@@ -216,6 +216,30 @@ def test_chunked_calls_match_one_call(monkeypatch):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("case", ["kv-cache-one-query", "kv-cache-several-queries", "kv-cache-query-spans-segments"])
+@pytest.mark.parametrize("gather_max_queries", [0, 64], ids=["segments", "gathered"])
+def test_both_kv_cache_paths_match_reference(monkeypatch, gather_max_queries, case, is_causal):
+    """A few queries against a cache go through the gathered (decoding) path, more through the segment
+    path; both must equal the reference, outputs and gradients."""
+    module = importlib.import_module("longnet.dilated_attention")
+    monkeypatch.setattr(module, "GATHER_MAX_QUERIES", gather_max_queries)
+    batch, heads, kv_heads, q_len, k_len, branches = CASES[case]
+    inputs = [x.requires_grad_() for x in make_inputs(batch, heads, kv_heads, q_len, k_len, 8, torch.float64)]
+    segments, rates = zip(*branches, strict=True)
+    out, lse = dilated_attention(*inputs, segments, rates, is_causal=is_causal, backend="cpu", return_lse=True)
+    ref_out, ref_lse = reference_attention(*inputs, branches, is_causal)
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=0)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-10, rtol=0)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_grads = torch.autograd.grad(ref_out, inputs, grad_out)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, atol=1e-10, rtol=0)
+
+
 def test_auto_backend_on_cpu_is_fused(monkeypatch):
     module = importlib.import_module("longnet.dilated_attention")
 

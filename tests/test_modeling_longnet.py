@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from longnet import LongNetConfig, LongNetForCausalLM, LongNetForSequenceClassification, LongNetModel
+from longnet.modeling_longnet import LongNetCache
 
 
 def make_model(cls=LongNetForCausalLM, seed=0, **overrides):
@@ -186,20 +187,65 @@ def test_remote_code_loads_without_the_package(tmp_path, tokenizer):
 # Generation with a KV cache
 
 
+@pytest.mark.parametrize("cache_class", [None, DynamicCache], ids=["longnet-cache", "user-dynamic-cache"])
 @pytest.mark.parametrize("overrides", [{}, dict(num_key_value_heads=1), dict(num_key_value_heads=4)])
-def test_cached_decoding_equals_full_forward(overrides):
+def test_cached_decoding_equals_full_forward(overrides, cache_class):
     """Prompt 7 tokens, then 43 single-token steps: crosses boundaries of every branch many times."""
     model = make_model(**overrides)
     ids = random_ids(2, 50)
     full = model(ids).logits
-    out = model(ids[:, :7], use_cache=True)
+    out = model(ids[:, :7], use_cache=True, cache=cache_class() if cache_class else None)
     cache, steps = out.cache, [out.logits]
     for t in range(7, 50):
         out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
         cache = out.cache
         steps.append(out.logits)
-    assert isinstance(cache, DynamicCache) and cache.get_seq_length() == 50
+    assert type(cache) is (cache_class or LongNetCache) and cache.get_seq_length() == 50
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
+
+
+def test_longnet_cache_stays_bounded():
+    """lcm(4, 8, 12) = 24: no query needs a key from before its own 24-token period, so the cache never
+    holds more than 24 positions, whatever the length; logits still equal the full forward."""
+    model = make_model()
+    ids = random_ids(1, 120)
+    full = model(ids).logits
+    out = model(ids[:, :1], use_cache=True)
+    cache, steps, sizes = out.cache, [out.logits], []
+    for t in range(1, 120):
+        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        cache = out.cache
+        steps.append(out.logits)
+        sizes.append(cache.layers[0].keys.shape[2])
+    assert max(sizes) <= 24 and cache.dropped >= 96 and cache.get_seq_length() == 120
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
+
+
+def test_longnet_cache_bounded_with_left_padding_and_generate():
+    model = make_model()
+    prompts = [random_ids(1, n, seed=n)[0] for n in (3, 10)]
+    ids = torch.zeros(2, 10, dtype=torch.long)
+    mask = torch.zeros(2, 10, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, 10 - len(p) :], mask[row, 10 - len(p) :] = p, 1
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=90,
+        min_new_tokens=90,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    cache = out.cache
+    assert isinstance(cache, LongNetCache)
+    # The rows' periods are 7 positions apart (their padding), so at most 24 + 7 positions stay.
+    assert cache.layers[0].keys.shape[2] <= 24 + 7 and cache.get_seq_length() == 99
+    for row, p in enumerate(prompts):
+        sequence = torch.cat([p, out.sequences[row, 10:]])[None]
+        full = model(sequence).logits[0, len(p) - 1 : -1]
+        torch.testing.assert_close(torch.stack(out.logits, 1)[row], full, atol=1e-4, rtol=0)
 
 
 def test_cached_chunks_equal_full_forward():

@@ -147,6 +147,33 @@ def test_training_lowers_the_loss_and_saves_a_loadable_folder(trained, attention
     assert "Validation perplexity by context length" in log and "Completion from the reloaded folder" in log
 
 
+def test_fine_tune_from_a_trained_folder(trained, corpus, tmp_path):
+    source = trained["dilated"][0]
+    out = tmp_path / "fine-tuned"
+    run(
+        [
+            sys.executable,
+            TRAIN,
+            "--model_name_or_path",
+            str(source),
+            "--train_file",
+            str(corpus),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "3",
+            "--save_steps",
+            "3",
+            *TINY_ARGS,
+        ]
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert config["segment_lengths"] == [16, 32, 64, 128] and config["hidden_size"] == 32
+    assert (out / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
+    before, after = final_weights(source), final_weights(out)
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
 def test_evaluate_puts_models_side_by_side(trained, corpus, tmp_path):
     out = tmp_path / "side_by_side"
     validation = sorted(corpus.glob("*.py"))[:8]
@@ -291,3 +318,14 @@ def test_existing_output_dir_is_never_overwritten(corpus, tmp_path):
     )
     assert result.returncode == 2 and "exists and is not empty" in result.stderr
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train import last_complete_checkpoint
+
+    for step, state in ((3, "{}"), (6, None), (9, '{"global_st')):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")

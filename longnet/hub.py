@@ -1,4 +1,4 @@
-"""Fills a model card template from what a saved model folder holds (config, metrics, evaluation)."""
+"""Hub helpers: fill a model card from a saved folder, and check a folder loads on its own."""
 
 from __future__ import annotations
 
@@ -36,7 +36,16 @@ def render_model_card(
                 "model-index": [
                     {
                         "name": repo_id or folder.name,
-                        "results": [{"task": {"type": "text-generation"}, "metrics": metrics}],
+                        "results": [
+                            {
+                                "task": {"type": "text-generation", "name": "Causal language modelling"},
+                                "dataset": {
+                                    "type": datasets[0] if datasets else "custom",
+                                    "name": f"held-out part of {info.get('training_data', 'the training data')}",
+                                },
+                                "metrics": metrics,
+                            }
+                        ],
                     }
                 ]
             },
@@ -81,3 +90,44 @@ def _training_section(results: dict, info: dict) -> str:
     if "command" in info:
         lines.append(f"\nCommand: `{info['command']}`")
     return "\n".join(lines)
+
+
+STANDALONE_LOAD = """
+import json, sys
+class NoLongNet:  # behave as a machine without the package installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "longnet" or name.startswith("longnet."):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, NoLongNet())
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+ids = tokenizer("def main():", return_tensors="pt")["input_ids"]
+logits = model(ids).logits
+assert torch.isfinite(logits).all()
+print(json.dumps({"class": type(model).__module__ + "." + type(model).__name__, "tokens": ids.shape[1]}))
+"""
+
+
+def check_loads_standalone(folder: str | Path) -> dict:
+    """Loads ``folder`` with trust_remote_code=True in a fresh process that cannot import ``longnet``.
+
+    Raises RuntimeError with the child's error output when it fails; returns what it loaded.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", STANDALONE_LOAD, str(Path(folder).resolve())],
+        capture_output=True,
+        text=True,
+        cwd=Path(folder).resolve().parent,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{folder} does not load without the longnet package:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])

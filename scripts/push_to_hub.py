@@ -1,0 +1,130 @@
+"""Check a LongNet model folder, fill its model card, and upload it to the Hugging Face Hub.
+
+    python scripts/push_to_hub.py outputs/longnet-stdlib your-name/longnet-stdlib --private
+    python scripts/push_to_hub.py outputs/longnet-stdlib your-name/longnet-stdlib --dry-run --staging_dir stage/
+
+Before anything is uploaded the folder must load with trust_remote_code=True in a fresh process that
+cannot import this package, its tokenizer must load, and the card must parse with the metadata the
+Hub needs. The token comes only from the usual places (HF_TOKEN, `hf auth login`) and is never
+printed or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+
+from longnet.hub import check_loads_standalone, render_model_card
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "model_cards" / "longnet.md"
+REQUIRED = ["config.json", "configuration_longnet.py", "modeling_longnet.py", "dilated_attention.py"]
+# Training leftovers that do not belong in a model repository.
+SKIPPED = {"training_args.bin", "tokenizer"}
+REQUIRED_METADATA = {"library_name": "transformers", "pipeline_tag": "text-generation"}
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def stage(folder: Path, staging: Path, repo_id: str, license: str, datasets: list[str] | None) -> list[str]:
+    """Writes exactly what will be uploaded into ``staging``; returns the file names."""
+    missing = [name for name in REQUIRED if not (folder / name).exists()]
+    if not list(folder.glob("*.safetensors")):
+        missing.append("*.safetensors weights")
+    if missing:
+        fail(f"{folder} is missing {', '.join(missing)}")
+    staging.mkdir(parents=True, exist_ok=True)
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name not in SKIPPED and path.name != "README.md":
+            shutil.copy(path, staging / path.name)
+    card = render_model_card(TEMPLATE, folder, repo_id=repo_id, license=license, datasets=datasets)
+    (staging / "README.md").write_text(card)
+    check_card(staging / "README.md")
+    return sorted(p.name for p in staging.iterdir())
+
+
+def check_card(path: Path) -> None:
+    card = ModelCard.load(path)
+    metadata = card.data.to_dict()
+    for key, value in REQUIRED_METADATA.items():
+        if metadata.get(key) != value:
+            fail(f"model card metadata {key!r} is {metadata.get(key)!r}, expected {value!r}")
+    if not metadata.get("license"):
+        fail("model card metadata has no license")
+    if not {"longnet", "dilated-attention"} <= set(metadata.get("tags") or []):
+        fail("model card metadata lacks the tags longnet and dilated-attention")
+    for section in ("## Usage", "## Evaluation", "## Limitations", "## Citation", "trust_remote_code=True"):
+        if section not in card.text:
+            fail(f"model card has no {section!r}")
+
+
+def upload(staging: Path, repo_id: str, private: bool, revision: str | None, message: str) -> str:
+    api = HfApi()  # the token: HF_TOKEN or the stored login, never passed around here
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(staging.iterdir())]
+    commit = api.create_commit(
+        repo_id, operations=operations, commit_message=message, revision=revision, repo_type="model"
+    )
+    return getattr(commit, "commit_url", str(commit))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="a saved LongNet model folder")
+    parser.add_argument("repo_id", help="the Hub repository, e.g. your-name/longnet-stdlib")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--revision", help="branch to upload to (created if missing); default main")
+    parser.add_argument("--commit_message", default="Upload LongNet model")
+    parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument("--datasets", nargs="+", help="dataset ids for the card (default: from the training run)")
+    parser.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        action="store_true",
+        help="write the staging folder and list it; upload nothing",
+    )
+    parser.add_argument(
+        "--staging_dir", help="where to stage (default: a temporary folder; with --dry-run, FOLDER-hub-staging)"
+    )
+    args = parser.parse_args(argv)
+
+    folder = Path(args.folder)
+    if args.dry_run and not args.staging_dir:
+        args.staging_dir = f"{folder.resolve()}-hub-staging"
+    if not (folder / "config.json").exists():
+        fail(f"{folder} is not a model folder (no config.json)")
+    if args.staging_dir and Path(args.staging_dir).exists() and any(Path(args.staging_dir).iterdir()):
+        fail(f"--staging_dir {args.staging_dir} exists and is not empty")
+    print(f"checking that {folder} loads without the longnet package ...")
+    try:
+        loaded = check_loads_standalone(folder)
+    except RuntimeError as error:
+        fail(str(error))
+    print(f"  ok: {loaded['class']}, tokenizer encodes")
+    with tempfile.TemporaryDirectory() as temporary:
+        staging = Path(args.staging_dir or temporary)
+        files = stage(folder, staging, args.repo_id, args.license, args.datasets)
+        print(f"staged {len(files)} files in {staging}:")
+        for name in files:
+            print(f"  {name}  ({(staging / name).stat().st_size:,} bytes)")
+        if args.dry_run:
+            print(json.dumps({"dry_run": True, "repo_id": args.repo_id, "files": files}))
+            return
+        url = upload(staging, args.repo_id, args.private, args.revision, args.commit_message)
+        print(f"uploaded to {args.repo_id} ({'private' if args.private else 'public'}): {url}")
+
+
+if __name__ == "__main__":
+    main()

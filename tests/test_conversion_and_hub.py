@@ -1,0 +1,295 @@
+"""Llama-family -> LongNet conversion, attn_implementation="longnet_dilated" on stock models, Hub upload."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+from huggingface_hub import HfApi, ModelCard
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import longnet  # noqa: F401
+from longnet import LongNetForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+CONVERT = str(ROOT / "scripts" / "convert_llama_to_longnet.py")
+SOURCES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 4096}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+}
+BRANCHES = {"segment_lengths": [4, 8, 12], "dilation_rates": [1, 2, 3]}
+
+
+def source_model(kind, folder=None, tokenizer=None, **save_kwargs):
+    config_class, model_class, extra = SOURCES[kind]
+    torch.manual_seed(0)
+    model = model_class(config_class(**TINY, **extra)).eval()
+    if folder is not None:
+        model.save_pretrained(folder, **save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+    return model
+
+
+def convert(source, destination, *branches, check=True):
+    result = subprocess.run(
+        [sys.executable, CONVERT, str(source), str(destination), *branches], capture_output=True, text=True
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def ids(batch=2, length=30, seed=0):
+    return torch.randint(3, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", list(SOURCES))
+def test_one_full_branch_conversion_equals_the_source(kind, tmp_path, tokenizer):
+    source = source_model(kind, tmp_path / "src", tokenizer)
+    result = convert(tmp_path / "src", tmp_path / "dst", "--segment_lengths", "64", "--dilation_rates", "1")
+    if kind == "mistral":
+        assert "dropped: sliding_window=4096" in result.stdout
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    assert type(converted) is LongNetForCausalLM
+    x = ids()
+    torch.testing.assert_close(converted(x).logits, source(x).logits, atol=1e-5, rtol=0)
+    for name in (
+        "tokenizer.json",
+        "generation_config.json",
+        "README.md",
+        "modeling_longnet.py",
+        "configuration_longnet.py",
+        "dilated_attention.py",
+    ):
+        assert (tmp_path / "dst" / name).exists(), name
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["auto_map"]["AutoModel"] == (
+        "modeling_longnet.LongNetModel"
+    )
+
+
+@pytest.mark.parametrize("kind", list(SOURCES))
+def test_dilated_conversion_matches_the_source_with_longnet_attention(kind, tmp_path, tokenizer):
+    source_model(kind, tmp_path / "src", tokenizer)
+    convert(tmp_path / "src", tmp_path / "dst", "--segment_lengths", "4", "8", "12", "--dilation_rates", "1", "2", "3")
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    _, model_class, _ = SOURCES[kind]
+    stock = model_class.from_pretrained(tmp_path / "src", attn_implementation="longnet_dilated").eval()
+    stock.config.segment_lengths, stock.config.dilation_rates = BRANCHES["segment_lengths"], BRANCHES["dilation_rates"]
+    x = ids()
+    torch.testing.assert_close(converted(x).logits, stock(x).logits, atol=1e-5, rtol=0)
+    dense = model_class.from_pretrained(tmp_path / "src").eval()
+    assert not torch.allclose(converted(x).logits, dense(x).logits, atol=1e-3)
+    generated = converted.generate(x[:1, :5], max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert generated.shape == (1, 15)
+
+
+def test_sharded_source_gives_sharded_destination(tmp_path, tokenizer):
+    source = source_model("llama", tmp_path / "src", tokenizer, max_shard_size="100KB")
+    shards = sorted((tmp_path / "src").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    convert(tmp_path / "src", tmp_path / "dst", "--segment_lengths", "64", "--dilation_rates", "1")
+    assert len(sorted((tmp_path / "dst").glob("model-*.safetensors"))) == len(shards)
+    assert (tmp_path / "dst" / "model.safetensors.index.json").exists()
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    torch.testing.assert_close(converted(ids()).logits, source(ids()).logits, atol=1e-5, rtol=0)
+
+
+def test_conversion_errors_say_what_is_supported(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    result = convert(tmp_path / "gpt2", tmp_path / "out", check=False)
+    assert result.returncode == 2
+    assert "not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in result.stderr
+
+    result = convert(tmp_path / "nothing", tmp_path / "out", check=False)
+    assert result.returncode == 2 and "has no config.json" in result.stderr
+
+    model = source_model("llama")
+    (tmp_path / "bin").mkdir()
+    model.config.save_pretrained(tmp_path / "bin")
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    result = convert(tmp_path / "bin", tmp_path / "out", check=False)
+    assert result.returncode == 2 and "--allow_pytorch_bin" in result.stderr
+    convert(
+        tmp_path / "bin", tmp_path / "out", "--allow_pytorch_bin", "--segment_lengths", "64", "--dilation_rates", "1"
+    )
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(converted(ids()).logits, model(ids()).logits, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# attn_implementation="longnet_dilated" on a stock model
+
+
+def stock_llama(**branches):
+    torch.manual_seed(0)
+    config = LlamaConfig(**TINY, **(branches or BRANCHES))
+    return LlamaForCausalLM._from_config(config, attn_implementation="longnet_dilated").eval()
+
+
+def test_stock_model_cached_decoding_equals_full_forward():
+    model = stock_llama()
+    x = ids(2, 40)
+    full = model(x).logits
+    out = model(x[:, :6], use_cache=True)
+    cache, steps = out.cache, [out.logits]
+    for t in range(6, 40):
+        out = model(x[:, t : t + 1], cache=cache, use_cache=True)
+        cache, steps = out.cache, steps + [out.logits]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
+
+
+def test_stock_model_left_padding_equals_each_prompt_alone():
+    model = stock_llama()
+    prompts = [ids(1, n, seed=n)[0] for n in (4, 11)]
+    batch = torch.zeros(2, 11, dtype=torch.long)
+    mask = torch.zeros(2, 11, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        batch[row, 11 - len(p) :], mask[row, 11 - len(p) :] = p, 1
+    kwargs = dict(
+        max_new_tokens=15,
+        min_new_tokens=15,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    batched = model.generate(batch, attention_mask=mask, **kwargs)
+    for row, p in enumerate(prompts):
+        alone = model.generate(p[None], **kwargs)
+        assert torch.equal(batched.sequences[row, 11:], alone.sequences[0, len(p) :])
+        torch.testing.assert_close(
+            torch.stack(batched.logits, 1)[row], torch.stack(alone.logits, 1)[0], atol=1e-4, rtol=0
+        )
+
+
+def test_stock_model_without_branches_is_a_clear_error():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(LlamaConfig(**TINY), attn_implementation="longnet_dilated").eval()
+    with pytest.raises(ValueError, match="needs segment_lengths and dilation_rates in the model's config"):
+        model(ids())
+
+
+# ---------------------------------------------------------------------------------------------------
+# push_to_hub
+
+
+@pytest.fixture
+def model_folder(tmp_path, tokenizer):
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    LongNetForCausalLM(longnet.LongNetConfig(**TINY, **BRANCHES)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "perplexity_by_context.json").write_text(json.dumps({"model": {"64": 12.5, "128": 11.0}}))
+    (folder / "perplexity_by_context.md").write_text("# title\n\n| context | model |\n|---:|---:|\n| 64 | 12.50 |\n")
+    return folder
+
+
+def push(argv, monkeypatch):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import push_to_hub
+
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("repo", (repo_id, kw)))
+    monkeypatch.setattr(HfApi, "create_branch", lambda self, repo_id, **kw: calls.setdefault("branch", kw))
+
+    def create_commit(self, repo_id, operations, commit_message, revision=None, **kw):
+        calls["commit"] = {
+            "repo_id": repo_id,
+            "message": commit_message,
+            "revision": revision,
+            "files": {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations},
+        }
+        return "https://huggingface.co/fake/commit/1"
+
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    push_to_hub.main(argv)
+    return calls
+
+
+def test_push_to_hub_uploads_a_complete_folder_without_the_token(model_folder, monkeypatch, capsys):
+    token = "hf_TESTTOKENdoNotLeak1234567890"
+    monkeypatch.setenv("HF_TOKEN", token)
+    calls = push(
+        [
+            str(model_folder),
+            "someone/tiny-longnet",
+            "--private",
+            "--revision",
+            "dev",
+            "--commit_message",
+            "first upload",
+        ],
+        monkeypatch,
+    )
+    assert calls["repo"] == ("someone/tiny-longnet", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert calls["branch"]["branch"] == "dev"
+    commit = calls["commit"]
+    assert commit["revision"] == "dev" and commit["message"] == "first upload"
+    files = commit["files"]
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "configuration_longnet.py",
+        "modeling_longnet.py",
+        "dilated_attention.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "README.md",
+    ):
+        assert name in files, name
+    assert "auto_map" in json.loads(files["config.json"])
+    card = ModelCard(files["README.md"].decode())
+    metadata = card.data.to_dict()
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "text-generation"
+    assert metadata["license"] == "apache-2.0"
+    assert {"longnet", "dilated-attention"} <= set(metadata["tags"])
+    assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == 12.5
+    assert "segment lengths `w` | [4, 8, 12]" in card.text and "trust_remote_code=True" in card.text
+    assert "| 64 | 12.50 |" in card.text
+    captured = capsys.readouterr()
+    assert token not in captured.out + captured.err
+    assert all(token.encode() not in content for content in files.values())
+
+
+def test_dry_run_stages_a_folder_that_loads_without_the_package(model_folder, tmp_path, monkeypatch, capsys):
+    staging = tmp_path / "stage"
+    calls = push([str(model_folder), "someone/tiny-longnet", "--dry-run", "--staging_dir", str(staging)], monkeypatch)
+    assert "commit" not in calls and "repo" not in calls
+    listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert listed["files"] == sorted(p.name for p in staging.iterdir())
+    script = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'longnet': raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "t = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "print(pipeline('text-generation', model=m, tokenizer=t)('x = ', max_new_tokens=3)[0]['generated_text'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(staging)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().startswith("x = ")
+
+
+def test_push_refuses_a_folder_without_remote_code(model_folder, monkeypatch):
+    (model_folder / "modeling_longnet.py").unlink()
+    with pytest.raises(SystemExit):
+        push([str(model_folder), "someone/tiny-longnet", "--dry-run"], monkeypatch)
