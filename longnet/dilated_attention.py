@@ -294,7 +294,8 @@ def merge_branches(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
 class _BranchLayout:
     """Where one branch's dilated slots come from, for a given (Lq, Lk, H, Hkv).
 
-    Slots are laid out ``(n_segments, m, H)`` with ``m = ceil(w / r)`` (heads last, the layout the
+    Slots are laid out ``(n_segments, m, H)`` with ``m = ceil(w / r)`` (or fewer for a lone short
+    segment; heads last, the layout the
     attention kernels read and write fastest): slot ``j`` of head ``h`` in segment ``s`` is position
     ``start + s*w + (h mod r) + j*r``. Invalid key slots (past the segment or past ``Lk``) always
     come last in a head's segment, so causal attention never sees them; invalid query slots are
@@ -354,7 +355,9 @@ def _branch_layout(
     n_segments: int,
 ) -> _BranchLayout:
     q_start = k_len - q_len
-    m = -(-w // r)
+    # A lone segment cut short by the end of the sequence needs only the slots it has.
+    span = min(w, k_len - first_segment * w) if n_segments == 1 else w
+    m = -(-span // r)
     head = torch.arange(heads, device=device).view(1, 1, heads)
     in_segment = (head % r) + r * torch.arange(m, device=device).view(1, m, 1)  # (1, m, H)
     segment_start = (first_segment + torch.arange(n_segments, device=device)).view(n_segments, 1, 1) * w

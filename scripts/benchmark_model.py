@@ -1,0 +1,294 @@
+"""LongNetForCausalLM against transformers' LlamaForCausalLM of identical size (SDPA), same process.
+
+(a) Training step (forward + backward) tokens/s and peak memory by context length, each model until a
+    step fails or outgrows --max_step_seconds. (b) Generation: time per new token and cache memory with
+    a context of each length already in the cache (random keys/values: the cost of a step does not
+    depend on their values). Writes ``{out}.json``, ``{out}.md`` and ``{out}.png``.
+
+    python scripts/benchmark_model.py
+    python scripts/benchmark_model.py --smoke --out /tmp/model_smoke     # seconds, for the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_attention import PeakMemory  # noqa: E402
+
+from longnet import LongNetCache, LongNetConfig, LongNetForCausalLM  # noqa: E402
+
+
+def build(kind: str, size: dict, branches: dict, dtype: torch.dtype):
+    torch.manual_seed(0)
+    if kind == "longnet":
+        model = LongNetForCausalLM(LongNetConfig(**size, **branches))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**size))
+    return model.to(dtype)
+
+
+def time_training_step(model, length: int, repeats: int) -> tuple[list[float], int]:
+    model.train()
+    ids = torch.randint(3, model.config.vocab_size, (1, length))
+    times, peak = [], 0
+    for _ in range(repeats):
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            model(ids, labels=ids, use_cache=False).loss.backward()
+            times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+        peak = max(peak, memory.used)
+    return times, peak
+
+
+def filled_cache(kind: str, model, context: int):
+    """A cache holding ``context`` tokens of random keys and values, as decoding would leave it."""
+    config = model.config
+    dtype = next(model.parameters()).dtype
+    if kind == "longnet":
+        cache = LongNetCache()
+        period = max(config.segment_lengths)  # lcm for power-of-two segments
+        stored = context % period or period
+    else:
+        cache = DynamicCache()
+        stored = context
+    shape = (1, config.num_key_value_heads, stored, config.head_dim)
+    for layer in range(config.num_hidden_layers):
+        cache.update(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), layer)
+    if kind == "longnet":
+        for layer in cache.layers:
+            layer.dropped = context - stored
+    return cache
+
+
+@torch.no_grad()
+def time_generation(kind: str, model, context: int, steps: int) -> tuple[float, int]:
+    model.eval()
+    cache = filled_cache(kind, model, context)
+    token = torch.randint(3, model.config.vocab_size, (1, 1))
+    times = []
+    for step in range(steps):
+        position = torch.tensor([[context + step]])
+        start = time.perf_counter()
+        out = model(token, cache=cache, position_ids=position, use_cache=True)
+        times.append(time.perf_counter() - start)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    stored = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
+    return statistics.median(times[1:] if len(times) > 1 else times), stored * next(model.parameters()).element_size()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--train_lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--generation_contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072])
+    parser.add_argument(
+        "--max_step_seconds",
+        type=float,
+        default=90.0,
+        help="stop a model's sweep before a step projected to take longer",
+    )
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--generation_steps", type=int, default=8)
+    parser.add_argument("--out", default="docs/benchmarks/model_cpu")
+    args = parser.parse_args()
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed blocks leave: see benchmark_attention.py
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+    size = dict(
+        vocab_size=4096,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=2,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=1 << 21,
+    )
+    branches = dict(segment_lengths=[2048, 4096, 8192, 16384, 32768], dilation_rates=[1, 2, 4, 6, 12])
+    if args.smoke:
+        size.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
+        branches = dict(segment_lengths=[16, 32, 64], dilation_rates=[1, 2, 4])
+        args.train_lengths, args.generation_contexts = [64, 128], [64, 200]
+        args.repeats, args.generation_steps = 1, 3
+
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for kind in ("longnet", "llama"):
+            model = build(kind, size, branches, dtype)
+            previous = None
+            for length in args.train_lengths:
+                try:
+                    times, peak = time_training_step(model, length, args.repeats)
+                except (RuntimeError, MemoryError) as error:
+                    rows.append(
+                        {
+                            "dtype": dtype_name,
+                            "model": kind,
+                            "test": "train",
+                            "length": length,
+                            "error": str(error)[:200],
+                        }
+                    )
+                    print(f"{dtype_name} {kind} train {length}: failed ({str(error)[:80]})", flush=True)
+                    break
+                median = statistics.median(times)
+                rows.append(
+                    {
+                        "dtype": dtype_name,
+                        "model": kind,
+                        "test": "train",
+                        "length": length,
+                        "times_s": times,
+                        "median_s": median,
+                        "tokens_per_s": length / median,
+                        "peak_memory_gb": peak / 1e9,
+                    }
+                )
+                print(
+                    f"{dtype_name} {kind} train {length}: {median:.2f} s, {length / median:.0f} tok/s, "
+                    f"{peak / 1e9:.2f} GB",
+                    flush=True,
+                )
+                # Project the next (longer) step from the growth seen so far; stop before one too long.
+                growth = median / previous if previous else 2.0
+                if median * max(growth, 1.0) > args.max_step_seconds:
+                    break
+                previous = median
+            for context in args.generation_contexts:
+                seconds, cache_bytes = time_generation(kind, model, context, args.generation_steps)
+                rows.append(
+                    {
+                        "dtype": dtype_name,
+                        "model": kind,
+                        "test": "generate",
+                        "length": context,
+                        "seconds_per_token": seconds,
+                        "cache_gb": cache_bytes / 1e9,
+                    }
+                )
+                print(
+                    f"{dtype_name} {kind} generate at {context}: {seconds * 1000:.1f} ms/token, "
+                    f"cache {cache_bytes / 1e9:.3f} GB",
+                    flush=True,
+                )
+            del model
+
+    setup = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "size": size,
+        "branches": branches,
+        "threads": torch.get_num_threads(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(markdown(rows, setup))
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out}.json, {out}.md, {out}.png")
+
+
+def markdown(rows: list[dict], setup: dict) -> str:
+    lines = [
+        "# LongNetForCausalLM vs LlamaForCausalLM (SDPA), same size, this CPU",
+        "",
+        f"Machine: {setup['machine']}, {setup['threads']} threads. Model: {json.dumps(setup['size'])}; LongNet "
+        f"branches {json.dumps(setup['branches'])}. Training: one forward+backward on one sequence; generation: "
+        "median time of a one-token step with the context already cached (random keys/values).",
+        "",
+        "## Training step",
+        "",
+        "| dtype | context | LongNet tok/s | Llama tok/s | speed-up | LongNet peak GB | Llama peak GB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def find(dtype, model, test, length):
+        return next(
+            (r for r in rows if (r["dtype"], r["model"], r["test"], r["length"]) == (dtype, model, test, length)), None
+        )
+
+    for dtype in sorted({r["dtype"] for r in rows}):
+        for length in sorted({r["length"] for r in rows if r["test"] == "train"}):
+            ln, ll = find(dtype, "longnet", "train", length), find(dtype, "llama", "train", length)
+
+            def cell(row, key, fmt):
+                if row is None:
+                    return "not run"
+                return "failed" if "error" in row else format(row[key], fmt)
+
+            ratio = (
+                f"{ln['tokens_per_s'] / ll['tokens_per_s']:.2f}x"
+                if ln and ll and "error" not in ln and "error" not in ll
+                else ""
+            )
+            lines.append(
+                f"| {dtype} | {length} | {cell(ln, 'tokens_per_s', '.0f')} | {cell(ll, 'tokens_per_s', '.0f')} "
+                f"| {ratio} | {cell(ln, 'peak_memory_gb', '.2f')} | {cell(ll, 'peak_memory_gb', '.2f')} |"
+            )
+    lines += [
+        "",
+        "## Generation",
+        "",
+        "| dtype | context | LongNet ms/token | Llama ms/token | LongNet cache GB | Llama cache GB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for dtype in sorted({r["dtype"] for r in rows}):
+        for length in sorted({r["length"] for r in rows if r["test"] == "generate"}):
+            ln, ll = find(dtype, "longnet", "generate", length), find(dtype, "llama", "generate", length)
+            lines.append(
+                f"| {dtype} | {length} | {ln['seconds_per_token'] * 1000:.1f} | "
+                f"{ll['seconds_per_token'] * 1000:.1f} | {ln['cache_gb']:.3f} | {ll['cache_gb']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (train_ax, gen_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for dtype, style in (("float32", "--"), ("bfloat16", "-")):
+        for model, color in (("longnet", "tab:blue"), ("llama", "tab:red")):
+            train = [
+                (r["length"], r["tokens_per_s"])
+                for r in rows
+                if (r["dtype"], r["model"], r["test"]) == (dtype, model, "train") and "error" not in r
+            ]
+            gen = [
+                (r["length"], r["seconds_per_token"] * 1000)
+                for r in rows
+                if (r["dtype"], r["model"], r["test"]) == (dtype, model, "generate")
+            ]
+            if train:
+                train_ax.plot(*zip(*train, strict=True), style, marker="o", color=color, label=f"{model} {dtype}")
+            if gen:
+                gen_ax.plot(*zip(*gen, strict=True), style, marker="o", color=color, label=f"{model} {dtype}")
+    for ax, title, ylabel in ((train_ax, "training step", "tokens/s"), (gen_ax, "generation", "ms per new token")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
