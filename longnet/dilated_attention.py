@@ -41,6 +41,7 @@ def dilated_attention(
     scale: float | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    group=None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention with the shapes of ``scaled_dot_product_attention``.
 
@@ -54,6 +55,9 @@ def dilated_attention(
         backend: ``"auto"``, ``"eager"``, ``"cpu"`` or ``"cuda"``.
         return_lse: also return the merged log-sum-exp ``(B, H, Lq)`` in float32 (``-inf`` where no
             branch covers a (query, head) pair; the output there is 0). It carries no gradient.
+        group: a ``torch.distributed`` process group to split the sequence over: the inputs are then
+            this rank's chunk ``[i*L, (i+1)*L)`` (same L on every rank, no KV cache) and the output is
+            this rank's chunk of the single-process result (``longnet.sequence_parallel``).
 
     Returns:
         The output ``(B, H, Lq, D)``, and the log-sum-exp when ``return_lse`` is set.
@@ -68,7 +72,14 @@ def dilated_attention(
     backend = _resolve_backend(backend, query)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    if backend == "eager":
+    if group is not None:
+        from .sequence_parallel import sequence_parallel_dilated_attention
+
+        with torch.autocast(device_type, enabled=False):
+            out, lse = sequence_parallel_dilated_attention(
+                query, key, value, branches, is_causal, scale, backend, group
+            )
+    elif backend == "eager":
         out, lse = eager_dilated_attention(query, key, value, branches, is_causal, scale)
         lse = lse.detach()
     elif query.shape[2] <= GATHER_MAX_QUERIES and query.shape[2] < key.shape[2]:
@@ -294,9 +305,9 @@ def merge_branches(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
 class _BranchLayout:
     """Where one branch's dilated slots come from, for a given (Lq, Lk, H, Hkv).
 
-    Slots are laid out ``(n_segments, m, H)`` with ``m = ceil(w / r)`` (or fewer for a lone short
-    segment; heads last, the layout the
-    attention kernels read and write fastest): slot ``j`` of head ``h`` in segment ``s`` is position
+    Slots are laid out ``(n_segments, m, H)`` with ``m = ceil(w / r)``, or fewer for a lone short
+    segment (heads last: the layout the attention kernels read and write fastest). Slot ``j`` of
+    head ``h`` in segment ``s`` is position
     ``start + s*w + (h mod r) + j*r``. Invalid key slots (past the segment or past ``Lk``) always
     come last in a head's segment, so causal attention never sees them; invalid query slots are
     computed and dropped.
@@ -466,44 +477,114 @@ def _cuda_backward(grad_out, q, k, v, out, lse, is_causal, bias, scale):
 _KERNELS = {"cpu": (_cpu_forward, _cpu_backward), "cuda": (_cuda_forward, _cuda_backward)}
 
 
+def merge_rows(
+    out: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, rows_out: torch.Tensor, rows_lse: torch.Tensor
+) -> None:
+    """Merges one branch's rows (each target row once) into the running ``out (B, X, D)``, ``lse (B, X)``."""
+    old_lse = lse.index_select(1, targets)
+    new_lse = torch.logaddexp(old_lse, rows_lse)
+    old_weight = torch.exp(old_lse - new_lse).unsqueeze(-1)
+    new_weight = torch.exp(rows_lse - new_lse).unsqueeze(-1)
+    out.index_copy_(1, targets, out.index_select(1, targets).mul_(old_weight).add_(rows_out.mul_(new_weight)))
+    lse.index_copy_(1, targets, new_lse)
+
+
+def fused_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, branches, is_causal: bool, scale: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every branch through the backend's attention kernel, merged: ``(B, H*Lq, D)`` and ``(B, H*Lq)`` rows in
+    the compute dtype (float32, or float64 for float64 inputs); log-sum-exp ``-inf`` where nothing covers."""
+    kernel_forward, _ = _KERNELS[backend]
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    flat_q = query.reshape(batch, heads * q_len, head_dim)
+    flat_k = key.reshape(batch, kv_heads * k_len, head_dim)
+    flat_v = value.reshape(batch, kv_heads * k_len, head_dim)
+    compute_dtype = torch.promote_types(query.dtype, torch.float32)
+    out = query.new_zeros(batch, heads * q_len, head_dim, dtype=compute_dtype)
+    lse = query.new_full((batch, heads * q_len), float("-inf"), dtype=compute_dtype)
+    for branch, layout in _layouts(branches, q_len, k_len, heads, kv_heads, is_causal, query.device, query.dtype):
+        branch_out, branch_lse = kernel_forward(
+            _to_kernel(flat_q.index_select(1, layout.query_index), layout, heads),
+            _to_kernel(flat_k.index_select(1, layout.key_index), layout, heads),
+            _to_kernel(flat_v.index_select(1, layout.key_index), layout, heads),
+            is_causal,
+            _expand_bias(layout, batch),
+            scale,
+        )
+        branch_out = _valid(_from_kernel(branch_out, batch), layout.query_slots).to(compute_dtype)
+        branch_lse = _valid(_from_kernel(branch_lse, batch), layout.query_slots).to(compute_dtype)
+        if branch == 0:  # nothing to merge with yet
+            out.index_copy_(1, layout.query_targets, branch_out)
+            lse.index_copy_(1, layout.query_targets, branch_lse)
+        else:
+            merge_rows(out, lse, layout.query_targets, branch_out, branch_lse)
+    return out, lse
+
+
+def fused_backward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    branches,
+    is_causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of query, key and value rows (compute dtype) for the given branches, each recomputed
+    against the merged ``out`` and ``lse`` of all branches: exact, mixing weights included."""
+    _, kernel_backward = _KERNELS[backend]
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    flat_q = query.reshape(batch, heads * q_len, head_dim)
+    flat_k = key.reshape(batch, kv_heads * k_len, head_dim)
+    flat_v = value.reshape(batch, kv_heads * k_len, head_dim)
+    flat_out = out.reshape(batch, heads * q_len, head_dim)
+    flat_grad = grad_out.reshape(batch, heads * q_len, head_dim)
+    flat_lse = lse.reshape(batch, heads * q_len)
+    grad_q = torch.zeros(batch, heads * q_len, head_dim, dtype=lse.dtype, device=query.device)
+    grad_k = torch.zeros(batch, kv_heads * k_len, head_dim, dtype=lse.dtype, device=query.device)
+    grad_v = torch.zeros_like(grad_k)
+    for _, layout in _layouts(branches, q_len, k_len, heads, kv_heads, is_causal, query.device, query.dtype):
+        slot_grad = flat_grad.index_select(1, layout.query_index)
+        slot_out = flat_out.index_select(1, layout.query_index)
+        slot_lse = flat_lse.index_select(1, layout.query_index)
+        if layout.query_slots is not None:
+            # Invalid query slots get zero output gradient and an infinite log-sum-exp, so they
+            # contribute nothing to any gradient.
+            invalid = torch.ones(slot_lse.shape[1], dtype=torch.bool, device=query.device)
+            invalid[layout.query_slots] = False
+            slot_grad[:, invalid] = 0
+            slot_out[:, invalid] = 0
+            slot_lse[:, invalid] = float("inf")
+        dq, dk, dv = kernel_backward(
+            _to_kernel(slot_grad, layout, heads),
+            _to_kernel(flat_q.index_select(1, layout.query_index), layout, heads),
+            _to_kernel(flat_k.index_select(1, layout.key_index), layout, heads),
+            _to_kernel(flat_v.index_select(1, layout.key_index), layout, heads),
+            _to_kernel(slot_out, layout, heads),
+            _to_kernel(slot_lse, layout, heads),
+            is_causal,
+            _expand_bias(layout, batch),
+            scale,
+        )
+        grad_q.index_add_(1, layout.query_targets, _valid(_from_kernel(dq, batch), layout.query_slots).to(lse.dtype))
+        grad_k.index_add_(1, layout.key_targets, _valid(_from_kernel(dk, batch), layout.key_slots).to(lse.dtype))
+        grad_v.index_add_(1, layout.key_targets, _valid(_from_kernel(dv, batch), layout.key_slots).to(lse.dtype))
+    return grad_q, grad_k, grad_v
+
+
 class _DilatedAttentionFunction(torch.autograd.Function):
     """Fused dilated attention; backward recomputes each branch against the merged statistics."""
 
     @staticmethod
     def forward(ctx, query, key, value, branches, is_causal, scale, backend):
-        kernel_forward, _ = _KERNELS[backend]
-        batch, heads, q_len, head_dim = query.shape
-        kv_heads, k_len = key.shape[1], key.shape[2]
-        flat_q = query.reshape(batch, heads * q_len, head_dim)
-        flat_k = key.reshape(batch, kv_heads * k_len, head_dim)
-        flat_v = value.reshape(batch, kv_heads * k_len, head_dim)
-        compute_dtype = torch.promote_types(query.dtype, torch.float32)
-        out = query.new_zeros(batch, heads * q_len, head_dim, dtype=compute_dtype)
-        lse = query.new_full((batch, heads * q_len), float("-inf"), dtype=compute_dtype)
-        for branch, layout in _layouts(branches, q_len, k_len, heads, kv_heads, is_causal, query.device, query.dtype):
-            branch_out, branch_lse = kernel_forward(
-                _to_kernel(flat_q.index_select(1, layout.query_index), layout, heads),
-                _to_kernel(flat_k.index_select(1, layout.key_index), layout, heads),
-                _to_kernel(flat_v.index_select(1, layout.key_index), layout, heads),
-                is_causal,
-                _expand_bias(layout, batch),
-                scale,
-            )
-            branch_out = _valid(_from_kernel(branch_out, batch), layout.query_slots).to(compute_dtype)
-            branch_lse = _valid(_from_kernel(branch_lse, batch), layout.query_slots).to(compute_dtype)
-            # Merge into the running result at the rows this branch covers (each row once).
-            targets = layout.query_targets
-            if branch > 0:
-                old_lse = lse.index_select(1, targets)
-                new_lse = torch.logaddexp(old_lse, branch_lse)
-                old_weight = torch.exp(old_lse - new_lse).unsqueeze(-1)
-                new_weight = torch.exp(branch_lse - new_lse).unsqueeze(-1)
-                branch_out = out.index_select(1, targets).mul_(old_weight).add_(branch_out.mul_(new_weight))
-                branch_lse = new_lse
-            out.index_copy_(1, targets, branch_out)
-            lse.index_copy_(1, targets, branch_lse)
-        out = out.to(query.dtype).view(batch, heads, q_len, head_dim)
-        lse = lse.view(batch, heads, q_len)
+        out, lse = fused_forward(query, key, value, branches, is_causal, scale, backend)
+        out = out.to(query.dtype).view_as(query)
+        lse = lse.view(query.shape[:3])
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.branches, ctx.is_causal, ctx.scale, ctx.backend = branches, is_causal, scale, backend
         ctx.mark_non_differentiable(lse)
@@ -512,48 +593,9 @@ class _DilatedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
         query, key, value, out, lse = ctx.saved_tensors
-        _, kernel_backward = _KERNELS[ctx.backend]
-        batch, heads, q_len, head_dim = query.shape
-        kv_heads, k_len = key.shape[1], key.shape[2]
-        flat_q = query.reshape(batch, heads * q_len, head_dim)
-        flat_k = key.reshape(batch, kv_heads * k_len, head_dim)
-        flat_v = value.reshape(batch, kv_heads * k_len, head_dim)
-        flat_out = out.reshape(batch, heads * q_len, head_dim)
-        flat_grad = grad_out.reshape(batch, heads * q_len, head_dim)
-        flat_lse = lse.reshape(batch, heads * q_len)
-        grad_q = torch.zeros(batch, heads * q_len, head_dim, dtype=lse.dtype, device=query.device)
-        grad_k = torch.zeros(batch, kv_heads * k_len, head_dim, dtype=lse.dtype, device=query.device)
-        grad_v = torch.zeros_like(grad_k)
-        for _, layout in _layouts(
-            ctx.branches, q_len, k_len, heads, kv_heads, ctx.is_causal, query.device, query.dtype
-        ):
-            slot_grad = flat_grad.index_select(1, layout.query_index)
-            slot_out = flat_out.index_select(1, layout.query_index)
-            slot_lse = flat_lse.index_select(1, layout.query_index)
-            if layout.query_slots is not None:
-                # Invalid query slots get zero output gradient and an infinite log-sum-exp, so
-                # they contribute nothing to any gradient.
-                invalid = torch.ones(slot_lse.shape[1], dtype=torch.bool, device=query.device)
-                invalid[layout.query_slots] = False
-                slot_grad[:, invalid] = 0
-                slot_out[:, invalid] = 0
-                slot_lse[:, invalid] = float("inf")
-            dq, dk, dv = kernel_backward(
-                _to_kernel(slot_grad, layout, heads),
-                _to_kernel(flat_q.index_select(1, layout.query_index), layout, heads),
-                _to_kernel(flat_k.index_select(1, layout.key_index), layout, heads),
-                _to_kernel(flat_v.index_select(1, layout.key_index), layout, heads),
-                _to_kernel(slot_out, layout, heads),
-                _to_kernel(slot_lse, layout, heads),
-                ctx.is_causal,
-                _expand_bias(layout, batch),
-                ctx.scale,
-            )
-            grad_q.index_add_(
-                1, layout.query_targets, _valid(_from_kernel(dq, batch), layout.query_slots).to(lse.dtype)
-            )
-            grad_k.index_add_(1, layout.key_targets, _valid(_from_kernel(dk, batch), layout.key_slots).to(lse.dtype))
-            grad_v.index_add_(1, layout.key_targets, _valid(_from_kernel(dv, batch), layout.key_slots).to(lse.dtype))
+        grad_q, grad_k, grad_v = fused_backward(
+            query, key, value, out, lse, grad_out, ctx.branches, ctx.is_causal, ctx.scale, ctx.backend
+        )
         # Cast one accumulator at a time, so at most one extra copy is alive.
         grad_q = grad_q.to(query.dtype).view_as(query)
         grad_k = grad_k.to(key.dtype).view_as(key)

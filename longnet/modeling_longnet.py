@@ -220,12 +220,18 @@ def attend_documents(
     scale: float,
     backend: str = "auto",
     output_attentions: bool = False,
+    group=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal dilated attention over ``(B, H, L, D)`` inputs, each document on its own.
 
     Returns the output ``(B, H, Lq, D)`` (0 at padding queries) and, with ``output_attentions`` (eager
-    backend only), the weights ``(B, H, Lq, Lk)``.
+    backend only), the weights ``(B, H, Lq, Lk)``. With a process ``group`` the inputs are this rank's
+    chunk of one sequence split across the group (see ``longnet.sequence_parallel``).
     """
+    if group is not None:
+        if backend == "eager" or documents is not None:
+            raise ValueError("sequence parallelism runs the fused kernel on whole, unpadded sequences")
+        return dilated_attention(query, key, value, segment_lengths, dilation_rates, scale=scale, group=group), None
 
     def attend(q, k, v):
         if backend != "eager":
@@ -284,6 +290,7 @@ class LongNetAttention(nn.Module):
         documents: list[Document] | None = None,
         cache: Cache | None = None,
         output_attentions: bool = False,
+        group=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
@@ -309,6 +316,7 @@ class LongNetAttention(nn.Module):
             self.scaling,
             backend="eager" if eager else "auto",
             output_attentions=output_attentions,
+            group=group,
         )
         output = output.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(output), weights
@@ -329,11 +337,12 @@ class LongNetDecoderLayer(GradientCheckpointingLayer):
         documents: list[Document] | None = None,
         cache: Cache | None = None,
         output_attentions: bool = False,
+        group=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         residual = hidden_states
         hidden_states, weights = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, documents, cache, output_attentions
+            self.input_layernorm(hidden_states), position_embeddings, documents, cache, output_attentions, group
         )
         hidden_states = residual + hidden_states
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -391,8 +400,15 @@ class LongNetModel(LongNetPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
+        sequence_parallel_group=None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        r"""
+        sequence_parallel_group (`torch.distributed.ProcessGroup`, *optional*):
+            Run one sequence split across the ranks of this group: rank i passes tokens
+            ``[i*L, (i+1)*L)`` of the sequence (the same L on every rank; no padding, packing or cache)
+            and gets the hidden states of those tokens, computed with global positions.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         cache = cache if cache is not None else past_key_values
@@ -408,6 +424,15 @@ class LongNetModel(LongNetPreTrainedModel):
             cache = LongNetCache()
 
         batch, query_length = inputs_embeds.shape[:2]
+        if sequence_parallel_group is not None:
+            if cache is not None or attention_mask is not None or position_ids is not None:
+                raise ValueError(
+                    "sequence_parallel_group takes whole unpadded sequences: no cache (use_cache=False), "
+                    "attention_mask or position_ids"
+                )
+            rank = torch.distributed.get_rank(sequence_parallel_group)
+            position_ids = torch.arange(rank * query_length, (rank + 1) * query_length, device=inputs_embeds.device)
+            position_ids = position_ids.unsqueeze(0)
         past_length = cache.get_seq_length() if cache is not None else 0
         key_length = past_length + query_length
         if attention_mask is not None:
@@ -429,7 +454,7 @@ class LongNetModel(LongNetPreTrainedModel):
             period = math.lcm(*self.config.segment_lengths)
             key_mask = trim_cache(cache, attention_mask, position_ids, period)
         stored_past = past_length - (cache.dropped if isinstance(cache, LongNetCache) else 0)
-        documents = find_documents(key_mask, position_ids, stored_past)
+        documents = None if sequence_parallel_group is not None else find_documents(key_mask, position_ids, stored_past)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -438,7 +463,9 @@ class LongNetModel(LongNetPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states, weights = layer(hidden_states, position_embeddings, documents, cache, output_attentions)
+            hidden_states, weights = layer(
+                hidden_states, position_embeddings, documents, cache, output_attentions, sequence_parallel_group
+            )
             if output_attentions:
                 all_attentions += (weights,)
         hidden_states = self.norm(hidden_states)
@@ -450,6 +477,26 @@ class LongNetModel(LongNetPreTrainedModel):
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
+
+
+def sequence_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, group) -> torch.Tensor:
+    """Next-token loss of a sequence split across ``group``: mean over all its tokens, on every rank.
+
+    A rank's last position predicts the next rank's first label, so each rank first learns the first
+    labels of all ranks. The other ranks' share of the sum is a constant here (their gradients flow on
+    their own ranks), so parameter gradients summed over the group are the single-process ones.
+    """
+    world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    first_labels = [torch.empty_like(labels[:, :1]) for _ in range(world)]
+    torch.distributed.all_gather(first_labels, labels[:, :1].contiguous(), group=group)
+    after_last = first_labels[rank + 1] if rank + 1 < world else torch.full_like(labels[:, :1], -100)
+    targets = torch.cat([labels[:, 1:], after_last], dim=1)
+    losses = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+    )
+    totals = torch.stack([losses.detach(), (targets != -100).sum().to(losses.dtype)])
+    torch.distributed.all_reduce(totals, group=group)
+    return (losses + (totals[0] - losses.detach())) / totals[1]
 
 
 class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
@@ -482,8 +529,17 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
         return_dict: bool | None = None,
+        sequence_parallel_group=None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
+        r"""
+        sequence_parallel_group (`torch.distributed.ProcessGroup`, *optional*):
+            See `LongNetModel.forward`. `labels` are then this rank's chunk too; the label shift crosses
+            rank boundaries, and the loss is the whole sequence's mean, the same number on every rank
+            (parameter gradients summed over the group equal the single-process ones).
+        """
+        if sequence_parallel_group is not None:
+            use_cache = False
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -493,12 +549,15 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            sequence_parallel_group=sequence_parallel_group,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
-        if labels is not None:
+        if labels is not None and sequence_parallel_group is not None:
+            loss = sequence_parallel_loss(logits, labels, sequence_parallel_group)
+        elif labels is not None:
             # kwargs carries num_items_in_batch from the Trainer (gradient accumulation).
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         output = CausalLMOutputWithPast(

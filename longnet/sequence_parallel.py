@@ -1,0 +1,286 @@
+"""Dilated attention with one sequence split across the ranks of a torch.distributed group (paper §3.1).
+
+Rank i of a group of P holds positions ``[i*L, (i+1)*L)`` of query, key and value (the same L on every
+rank) and gets back its positions of the exact single-process result. A branch whose segment length
+divides L is computed locally (each rank starts at a multiple of w, so local positions dilate as the
+global ones). For a branch whose segments span several ranks, each rank keeps only the positions the
+branch keeps ("sparsified" keys and values, about L/r per head), the ranks exchange those in one
+all-gather, and each rank attends its queries to the kept keys of its segment: causal queries see the
+earlier ranks' keys whole and their own rank's keys causally. Backward recomputes every branch against
+the merged output and log-sum-exp, as the single-process kernel does, and returns the gathered keys'
+gradients to their owners with one all-reduce per branch (the all-gather's adjoint), so gradients are
+exact. Collectives run inside one autograd node in program order, the same on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .dilated_attention import _KERNELS, fused_backward, fused_forward, merge_rows
+
+# Bytes this process sent in collectives, by the exchanges of the last calls (for measurement).
+BYTES_SENT = {"forward": 0, "backward": 0}
+
+
+def check_split(branches: Sequence[tuple[int, int]], local_length: int, lengths: list[int]) -> None:
+    """Raises the same ValueError on every rank for a split the algorithm does not support."""
+    if len(set(lengths)) != 1:
+        raise ValueError(f"sequence parallel attention needs the same length on every rank, got {lengths}")
+    for w, _ in branches:
+        if local_length % w != 0 and w % local_length != 0:
+            raise ValueError(
+                f"segment length {w} neither divides nor is a multiple of the per-rank length {local_length}; "
+                "choose a per-rank length that each segment length divides or is a multiple of"
+            )
+
+
+def sequence_parallel_dilated_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    branches: Sequence[tuple[int, int]],
+    is_causal: bool,
+    scale: float,
+    backend: str,
+    group,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's output ``(B, H, L, D)`` and log-sum-exp ``(B, H, L)``; see the module docstring."""
+    if backend not in _KERNELS:
+        raise ValueError(f"sequence parallel attention runs on the fused backends {sorted(_KERNELS)}, not {backend!r}")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError("sequence parallel attention takes no KV cache: query and key must have the same length")
+    lengths = [torch.zeros(1, dtype=torch.long, device=query.device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(lengths, torch.tensor([query.shape[2]], device=query.device), group=group)
+    check_split(branches, query.shape[2], [int(x) for x in lengths])
+    return _SequenceParallelFunction.apply(query, key, value, tuple(branches), is_causal, scale, backend, group)
+
+
+class _Span:
+    """How one branch whose segments span ranks maps onto this rank, for one head offset ``o``.
+
+    Every quantity is computed from global positions, so all ranks agree on it without talking."""
+
+    def __init__(self, w: int, r: int, offset: int, length: int, rank: int, world: int, device):
+        self.first_rank = (rank * length // w) * w // length  # first rank of this rank's segment
+        self.members = min(w // length, world - self.first_rank)
+        segment_start = self.first_rank * length
+        # Positions of each member rank that the offset keeps, as indices into that rank's chunk.
+        self.kept = []
+        for member in range(self.first_rank, self.first_rank + self.members):
+            chunk = torch.arange(member * length, (member + 1) * length, device=device)
+            self.kept.append(chunk[(chunk - segment_start) % r == offset] - member * length)
+        self.member = rank - self.first_rank  # this rank's place in its segment
+        self.own = self.kept[self.member]  # this rank's kept positions (local indices)
+        self.before = sum(len(k) for k in self.kept[: self.member])  # kept keys of earlier ranks
+
+
+class _SequenceParallelFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, branches, is_causal, scale, backend, group):
+        kernel_forward, _ = _KERNELS[backend]
+        batch, heads, length, head_dim = query.shape
+        kv_heads = key.shape[1]
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        local = [(w, r) for w, r in branches if length % w == 0]
+        spanning = [(w, r) for w, r in branches if length % w != 0]
+        if local:
+            out, lse = fused_forward(query, key, value, local, is_causal, scale, backend)
+        else:
+            out = query.new_zeros(
+                batch, heads * length, head_dim, dtype=torch.promote_types(query.dtype, torch.float32)
+            )
+            lse = query.new_full((batch, heads * length), float("-inf"), dtype=out.dtype)
+        gathered = []
+        for w, r in spanning:
+            keys_values = _exchange(key, value, w, r, heads, rank, world, group, "forward")
+            gathered.append(keys_values)
+            for offset, heads_of_offset in _offsets(r, heads):
+                span = _Span(w, r, offset, length, rank, world, query.device)
+                part_out, part_lse = _attend_span(
+                    kernel_forward, query, key, value, keys_values, span, heads_of_offset, heads, is_causal, scale
+                )
+                targets = _rows(heads_of_offset, span.own, length)
+                merge_rows(out, lse, targets, part_out.to(out.dtype), part_lse.to(out.dtype))
+        out_rows, lse_rows = out, lse
+        out = out_rows.to(query.dtype).view_as(query)
+        lse = lse_rows.view(batch, heads, length)
+        ctx.save_for_backward(query, key, value, out, lse, *gathered)
+        ctx.config = (branches, local, spanning, is_causal, scale, backend, group, kv_heads)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        query, key, value, out, lse, *gathered = ctx.saved_tensors
+        branches, local, spanning, is_causal, scale, backend, group, kv_heads = ctx.config
+        _, kernel_backward = _KERNELS[backend]
+        batch, heads, length, head_dim = query.shape
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        grad_out = grad_out.contiguous()
+        if local:
+            grad_q, grad_k, grad_v = fused_backward(
+                query, key, value, out, lse, grad_out, local, is_causal, scale, backend
+            )
+        else:
+            grad_q = torch.zeros(batch, heads * length, head_dim, dtype=lse.dtype, device=query.device)
+            grad_k = torch.zeros(batch, kv_heads * length, head_dim, dtype=lse.dtype, device=query.device)
+            grad_v = torch.zeros_like(grad_k)
+        for (w, r), keys_values in zip(spanning, gathered, strict=True):
+            # Gradients for the gathered keys/values of every member rank, laid out as the gather.
+            grad_gathered = torch.zeros_like(keys_values, dtype=lse.dtype)
+            for offset, heads_of_offset in _offsets(r, heads):
+                span = _Span(w, r, offset, length, rank, world, query.device)
+                _attend_span_backward(
+                    kernel_backward,
+                    query,
+                    key,
+                    value,
+                    out,
+                    lse,
+                    grad_out,
+                    keys_values,
+                    span,
+                    heads_of_offset,
+                    heads,
+                    kv_heads,
+                    is_causal,
+                    scale,
+                    grad_q,
+                    grad_k,
+                    grad_v,
+                    grad_gathered,
+                )
+            BYTES_SENT["backward"] += grad_gathered.numel() * grad_gathered.element_size()
+            dist.all_reduce(grad_gathered, group=group)
+            own = grad_gathered[rank]  # (B, H, slots, 2D): gradients for this rank's sent keys/values
+            for offset, heads_of_offset in _offsets(r, heads):
+                span = _Span(w, r, offset, length, rank, world, query.device)
+                slots = len(span.own)
+                for h in heads_of_offset:
+                    rows = (h // (heads // kv_heads)) * length + span.own
+                    grad_k.index_add_(1, rows, own[:, h, :slots, :head_dim])
+                    grad_v.index_add_(1, rows, own[:, h, :slots, head_dim:])
+        return (
+            grad_q.to(query.dtype).view_as(query),
+            grad_k.to(key.dtype).view_as(key),
+            grad_v.to(value.dtype).view_as(value),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _offsets(r: int, heads: int) -> list[tuple[int, list[int]]]:
+    """Head offsets in use and the heads that have each: head h keeps positions h mod r."""
+    return [(o, list(range(o, heads, r))) for o in range(min(r, heads))]
+
+
+def _rows(heads_of_offset: list[int], positions: torch.Tensor, length: int) -> torch.Tensor:
+    """Row indices into ``(B, H*L, ...)`` of the given heads at the given local positions."""
+    return torch.cat([h * length + positions for h in heads_of_offset])
+
+
+def _exchange(key, value, w, r, heads, rank, world, group, direction) -> torch.Tensor:
+    """All-gathers every rank's kept keys and values of a spanning branch: ``(P, B, H, slots, 2D)``.
+
+    One collective: keys and values travel packed in one tensor, padded to the same slots per head."""
+    batch, kv_heads, length, head_dim = key.shape
+    slots = -(-length // r)
+    packed = key.new_zeros(batch, heads, slots, 2 * head_dim)
+    for offset, heads_of_offset in _offsets(r, heads):
+        span = _Span(w, r, offset, length, rank, world, key.device)
+        for h in heads_of_offset:
+            kv = h // (heads // kv_heads)
+            packed[:, h, : len(span.own), :head_dim] = key[:, kv, span.own]
+            packed[:, h, : len(span.own), head_dim:] = value[:, kv, span.own]
+    gathered = [torch.empty_like(packed) for _ in range(world)]
+    BYTES_SENT[direction] += packed.numel() * packed.element_size() * (world - 1)
+    dist.all_gather(gathered, packed, group=group)
+    return torch.stack(gathered)
+
+
+def _segment_keys(keys_values, span: _Span, heads_of_offset: list[int], members: range):
+    """Kept (keys | values) of the given member ranks of the segment, concatenated in order."""
+    parts = [keys_values[span.first_rank + m][:, heads_of_offset, : len(span.kept[m])] for m in members]
+    return torch.cat(parts, dim=2)
+
+
+def _attend_span(kernel_forward, query, key, value, keys_values, span, heads_of_offset, heads, is_causal, scale):
+    """Out ``(B, rows, D)`` and lse ``(B, rows)`` of this rank's kept queries of one offset, rows ordered
+    head-major as ``_rows`` orders them. Causal: own keys causally, earlier ranks' keys whole."""
+    head_dim = query.shape[3]
+    q = query[:, heads_of_offset][:, :, span.own]
+    member = span.member
+    if is_causal:
+        own = _segment_keys(keys_values, span, heads_of_offset, range(member, member + 1))
+        out, lse = kernel_forward(q, own[..., :head_dim], own[..., head_dim:], True, None, scale)
+        if span.before:
+            earlier = _segment_keys(keys_values, span, heads_of_offset, range(member))
+            out2, lse2 = kernel_forward(q, earlier[..., :head_dim], earlier[..., head_dim:], False, None, scale)
+            out, lse = _merge_two(out, lse, out2, lse2)
+    else:
+        every = _segment_keys(keys_values, span, heads_of_offset, range(span.members))
+        out, lse = kernel_forward(q, every[..., :head_dim], every[..., head_dim:], False, None, scale)
+    return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+def _merge_two(out_a, lse_a, out_b, lse_b):
+    """Two attentions of the same queries over disjoint keys -> one (merged by log-sum-exp)."""
+    dtype = torch.promote_types(out_a.dtype, torch.float32)
+    lse_a, lse_b = lse_a.to(dtype), lse_b.to(dtype)
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a.to(dtype) * torch.exp(lse_a - lse)[..., None] + out_b.to(dtype) * torch.exp(lse_b - lse)[..., None]
+    return out, lse
+
+
+def _attend_span_backward(
+    kernel_backward,
+    query,
+    key,
+    value,
+    out,
+    lse,
+    grad_out,
+    keys_values,
+    span,
+    heads_of_offset,
+    heads,
+    kv_heads,
+    is_causal,
+    scale,
+    grad_q,
+    grad_k,
+    grad_v,
+    grad_gathered,
+) -> None:
+    """Adds one offset's contribution of a spanning branch to the local and gathered gradients."""
+    batch, _, length, head_dim = query.shape
+    q = query[:, heads_of_offset][:, :, span.own]
+    o = out[:, heads_of_offset][:, :, span.own]
+    g = grad_out[:, heads_of_offset][:, :, span.own]
+    lse_rows = lse[:, heads_of_offset][:, :, span.own].contiguous()
+    member = span.member
+    parts = [(range(member, member + 1), True)] if is_causal else [(range(span.members), False)]
+    if is_causal and span.before:
+        parts.append((range(member), False))
+    dq_total = torch.zeros_like(q, dtype=lse.dtype)
+    for members, causal in parts:
+        kv = _segment_keys(keys_values, span, heads_of_offset, members)
+        dq, dk, dv = kernel_backward(
+            g, q, kv[..., :head_dim].contiguous(), kv[..., head_dim:].contiguous(), o, lse_rows, causal, None, scale
+        )
+        dq_total += dq.to(lse.dtype)
+        start = 0
+        for m in members:
+            count = len(span.kept[m])
+            rank_of_member = span.first_rank + m
+            for index, h in enumerate(heads_of_offset):
+                grad_gathered[rank_of_member][:, h, :count, :head_dim] += dk[:, index, start : start + count]
+                grad_gathered[rank_of_member][:, h, :count, head_dim:] += dv[:, index, start : start + count]
+            start += count
+    grad_q.index_add_(1, _rows(heads_of_offset, span.own, length), dq_total.flatten(1, 2))
