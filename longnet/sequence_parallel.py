@@ -4,12 +4,14 @@ Rank i of a group of P holds positions ``[i*L, (i+1)*L)`` of query, key and valu
 rank) and gets back its positions of the exact single-process result. A branch whose segment length
 divides L is computed locally (each rank starts at a multiple of w, so local positions dilate as the
 global ones). For a branch whose segments span several ranks, each rank keeps only the positions the
-branch keeps ("sparsified" keys and values, about L/r per head), the ranks exchange those in one
-all-gather, and each rank attends its queries to the kept keys of its segment: causal queries see the
-earlier ranks' keys whole and their own rank's keys causally. Backward recomputes every branch against
-the merged output and log-sum-exp, as the single-process kernel does, and returns the gathered keys'
-gradients to their owners with one all-reduce per branch (the all-gather's adjoint), so gradients are
-exact. Collectives run inside one autograd node in program order, the same on every rank.
+branch keeps ("sparsified" keys and values, about L/r per head) and sends them, packed in one tensor,
+to the ranks of its segment that need them: for causal attention only the later ones. Each rank then
+attends its queries to the kept keys of its segment: earlier ranks' keys whole, its own causally.
+Backward recomputes every branch against the merged output and log-sum-exp, as the single-process
+kernel does, and sends the gradients of received keys back to their owners (the exchange's adjoint),
+so gradients are exact. Per rank and branch that is about ``(w/L - 1) * L/r`` keys and values each
+way, which does not grow with the sequence when L does not. Point-to-point sends (gloo and NCCL) run
+inside one autograd node in program order, the same on every rank.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.distributed as dist
 
 from .dilated_attention import _KERNELS, fused_backward, fused_forward, merge_rows
 
-# Bytes this process sent in collectives, by the exchanges of the last calls (for measurement).
+# Bytes this process has sent to other ranks, forward and backward (measured by the benchmark).
 BYTES_SENT = {"forward": 0, "backward": 0}
 
 
@@ -64,8 +66,7 @@ class _Span:
     Every quantity is computed from global positions, so all ranks agree on it without talking."""
 
     def __init__(self, w: int, r: int, offset: int, length: int, rank: int, world: int, device):
-        self.first_rank = (rank * length // w) * w // length  # first rank of this rank's segment
-        self.members = min(w // length, world - self.first_rank)
+        self.first_rank, self.members = _segment_members(w, length, rank, world)
         segment_start = self.first_rank * length
         # Positions of each member rank that the offset keeps, as indices into that rank's chunk.
         self.kept = []
@@ -95,7 +96,7 @@ class _SequenceParallelFunction(torch.autograd.Function):
             lse = query.new_full((batch, heads * length), float("-inf"), dtype=out.dtype)
         gathered = []
         for w, r in spanning:
-            keys_values = _exchange(key, value, w, r, heads, rank, world, group, "forward")
+            keys_values = _exchange_keys(key, value, w, r, heads, rank, world, group, is_causal)
             gathered.append(keys_values)
             for offset, heads_of_offset in _offsets(r, heads):
                 span = _Span(w, r, offset, length, rank, world, query.device)
@@ -153,9 +154,7 @@ class _SequenceParallelFunction(torch.autograd.Function):
                     grad_v,
                     grad_gathered,
                 )
-            BYTES_SENT["backward"] += grad_gathered.numel() * grad_gathered.element_size()
-            dist.all_reduce(grad_gathered, group=group)
-            own = grad_gathered[rank]  # (B, H, slots, 2D): gradients for this rank's sent keys/values
+            own = _return_gradients(grad_gathered, w, length, rank, world, group, is_causal)
             for offset, heads_of_offset in _offsets(r, heads):
                 span = _Span(w, r, offset, length, rank, world, query.device)
                 slots = len(span.own)
@@ -185,28 +184,73 @@ def _rows(heads_of_offset: list[int], positions: torch.Tensor, length: int) -> t
     return torch.cat([h * length + positions for h in heads_of_offset])
 
 
-def _exchange(key, value, w, r, heads, rank, world, group, direction) -> torch.Tensor:
-    """All-gathers every rank's kept keys and values of a spanning branch: ``(P, B, H, slots, 2D)``.
+def _segment_members(w: int, length: int, rank: int, world: int) -> tuple[int, int]:
+    """First rank and number of ranks of this rank's segment of length ``w`` (a multiple of ``length``)."""
+    first = (rank * length // w) * w // length
+    return first, min(w // length, world - first)
 
-    One collective: keys and values travel packed in one tensor, padded to the same slots per head."""
+
+def _peers(first: int, members: int, rank: int, is_causal: bool) -> tuple[list[int], list[int]]:
+    """Member ranks this rank sends its kept keys to, and those it receives kept keys from.
+
+    Causal queries need only earlier ranks' keys: send to later members, receive from earlier ones."""
+    others = [m for m in range(first, first + members) if m != rank]
+    if not is_causal:
+        return others, others
+    return [m for m in others if m > rank], [m for m in others if m < rank]
+
+
+def _point_to_point(sends: dict[int, torch.Tensor], receives: dict[int, torch.Tensor], group, direction: str) -> None:
+    """Sends and receives between ranks of ``group`` (group ranks as keys), all at once."""
+    operations = [dist.P2POp(dist.isend, t, dist.get_global_rank(group, peer), group) for peer, t in sends.items()]
+    operations += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, peer), group) for peer, t in receives.items()]
+    for request in dist.batch_isend_irecv(operations) if operations else []:
+        request.wait()
+    BYTES_SENT[direction] += sum(t.numel() * t.element_size() for t in sends.values())
+
+
+def _exchange_keys(key, value, w, r, heads, rank, world, group, is_causal) -> torch.Tensor:
+    """The kept keys and values of this rank's segment members: ``(members, B, H, slots, 2D)``.
+
+    Each rank packs its kept keys and values (about L/r per head, padded to the same slots) into one
+    tensor and sends it only to the members of its segment that need it; members it does not hear
+    from stay zero."""
     batch, kv_heads, length, head_dim = key.shape
-    slots = -(-length // r)
-    packed = key.new_zeros(batch, heads, slots, 2 * head_dim)
+    packed = key.new_zeros(batch, heads, -(-length // r), 2 * head_dim)
     for offset, heads_of_offset in _offsets(r, heads):
         span = _Span(w, r, offset, length, rank, world, key.device)
         for h in heads_of_offset:
             kv = h // (heads // kv_heads)
             packed[:, h, : len(span.own), :head_dim] = key[:, kv, span.own]
             packed[:, h, : len(span.own), head_dim:] = value[:, kv, span.own]
-    gathered = [torch.empty_like(packed) for _ in range(world)]
-    BYTES_SENT[direction] += packed.numel() * packed.element_size() * (world - 1)
-    dist.all_gather(gathered, packed, group=group)
-    return torch.stack(gathered)
+    first, members = _segment_members(w, length, rank, world)
+    send_to, receive_from = _peers(first, members, rank, is_causal)
+    gathered = packed.new_zeros(members, *packed.shape)
+    gathered[rank - first] = packed
+    _point_to_point(
+        {peer: packed for peer in send_to}, {peer: gathered[peer - first] for peer in receive_from}, group, "forward"
+    )
+    return gathered
+
+
+def _return_gradients(grad_gathered, w, length, rank, world, group, is_causal) -> torch.Tensor:
+    """The exchange's adjoint: gradients for other members' keys go back to them; returns the summed
+    gradient ``(B, H, slots, 2D)`` for this rank's own kept keys and values."""
+    first, members = _segment_members(w, length, rank, world)
+    send_to, receive_from = _peers(first, members, rank, is_causal)
+    received = {peer: torch.empty_like(grad_gathered[0]) for peer in send_to}
+    _point_to_point(
+        {peer: grad_gathered[peer - first].contiguous() for peer in receive_from}, received, group, "backward"
+    )
+    own = grad_gathered[rank - first].clone()
+    for peer in sorted(received):
+        own += received[peer]
+    return own
 
 
 def _segment_keys(keys_values, span: _Span, heads_of_offset: list[int], members: range):
     """Kept (keys | values) of the given member ranks of the segment, concatenated in order."""
-    parts = [keys_values[span.first_rank + m][:, heads_of_offset, : len(span.kept[m])] for m in members]
+    parts = [keys_values[m][:, heads_of_offset, : len(span.kept[m])] for m in members]
     return torch.cat(parts, dim=2)
 
 
@@ -278,9 +322,8 @@ def _attend_span_backward(
         start = 0
         for m in members:
             count = len(span.kept[m])
-            rank_of_member = span.first_rank + m
             for index, h in enumerate(heads_of_offset):
-                grad_gathered[rank_of_member][:, h, :count, :head_dim] += dk[:, index, start : start + count]
-                grad_gathered[rank_of_member][:, h, :count, head_dim:] += dv[:, index, start : start + count]
+                grad_gathered[m][:, h, :count, :head_dim] += dk[:, index, start : start + count]
+                grad_gathered[m][:, h, :count, head_dim:] += dv[:, index, start : start + count]
             start += count
     grad_q.index_add_(1, _rows(heads_of_offset, span.own, length), dq_total.flatten(1, 2))
