@@ -120,8 +120,12 @@ def main() -> None:
                 "dilated": dilated_pairs(length, args.heads, PAPER_SEGMENTS, PAPER_RATES),
                 "dense": args.heads * length * (length + 1) // 2,
             }
-            repeats = args.repeats if length <= 131072 else args.long_repeats
+            repeats = args.repeats if length <= 65536 else args.long_repeats
             for backward in (False, True):
+                pass_name = "forward+backward" if backward else "forward"
+                if projected_memory(rows, dtype_name, "dilated", pass_name, length) > 0.85 * total_memory():
+                    print(f"{dtype_name} N={length} {pass_name}: skipped, projected to exceed memory", flush=True)
+                    continue
                 times = {m: [] for m in methods}
                 memory = {m: 0 for m in methods}
                 for method in methods:  # warm-up, not timed
@@ -144,6 +148,7 @@ def main() -> None:
                         "gflops": flops(pairs[method], args.head_dim, backward) / 1e9,
                         "gflop_per_s": flops(pairs[method], args.head_dim, backward) / median / 1e9,
                         "peak_memory_gb": memory[method] / 1e9,
+                        "input_gb": 3 * q.numel() * q.element_size() / 1e9,
                     }
                     rows.append(row)
                     print(
@@ -152,8 +157,12 @@ def main() -> None:
                         f"{row['peak_memory_gb']:6.2f} GB",
                         flush=True,
                     )
+                write_results(rows, args)  # after every point: a run cut short keeps what it measured
             del q, k, v
+    print(f"wrote {args.out}.json, {args.out}.md, {args.out}.png")
 
+
+def write_results(rows: list[dict], args) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
@@ -168,7 +177,21 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(markdown(rows, setup))
     plot(rows, out.with_suffix(".png"), setup)
-    print(f"wrote {out}.json, {out}.md, {out}.png")
+
+
+def total_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def projected_memory(rows: list[dict], dtype: str, method: str, pass_: str, length: int) -> float:
+    """Inputs plus the last measured peak of this dtype/method/pass scaled linearly to ``length``: a point
+    that would not fit is skipped rather than killed by the kernel's out-of-memory killer."""
+    done = [r for r in rows if (r["dtype"], r["method"], r["pass"]) == (dtype, method, pass_)]
+    if not done:
+        return 0.0
+    last = max(done, key=lambda r: r["length"])
+    inputs = last["input_gb"] * length / last["length"] if "input_gb" in last else 0.0
+    return (last["peak_memory_gb"] * length / last["length"] + inputs) * 1e9
 
 
 def summary(rows: list[dict]) -> list[str]:
