@@ -53,3 +53,56 @@ def test_dilated_pair_count_matches_brute_force():
                     continue
                 brute += sum(1 for s in range(t + 1) if s // w == t // w and (s % w) % r == h % r)
     assert dilated_pairs(length, heads, segments, rates) == brute
+
+
+def test_benchmark_model_smoke(tmp_path):
+    out = tmp_path / "model"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "benchmark_model.py"),
+            "--smoke",
+            "--dtypes",
+            "float32",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert {(r["model"], r["test"]) for r in rows} == {
+        (m, t) for m in ("longnet", "llama") for t in ("train", "generate")
+    }
+    generate = {r["model"]: r for r in rows if r["test"] == "generate" and r["length"] == 200}
+    # The LongNet cache holds at most lcm(16, 32, 64) = 64 positions; Llama's holds all 200.
+    assert generate["longnet"]["cache_gb"] < generate["llama"]["cache_gb"] / 2
+    assert "| float32 | 128 |" in out.with_suffix(".md").read_text()
+
+
+def test_benchmark_sequence_parallel_smoke(tmp_path):
+    out = tmp_path / "sp"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "benchmark_sequence_parallel.py"),
+            "--lengths",
+            "4096",
+            "8192",
+            "--world_sizes",
+            "1",
+            "2",
+            "--heads",
+            "2",
+            "--head_dim",
+            "8",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    by_world = {(r["world"], r["length"]): r for r in rows}
+    assert by_world[(1, 4096)]["bytes_forward"] == 0
+    assert by_world[(2, 8192)]["bytes_forward"] > 0 and by_world[(2, 8192)]["bytes_backward"] > 0
