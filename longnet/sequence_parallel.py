@@ -137,21 +137,15 @@ class _SequenceParallelFunction(torch.autograd.Function):
                 _attend_span_backward(
                     kernel_backward,
                     query,
-                    key,
-                    value,
                     out,
                     lse,
                     grad_out,
                     keys_values,
                     span,
                     heads_of_offset,
-                    heads,
-                    kv_heads,
                     is_causal,
                     scale,
                     grad_q,
-                    grad_k,
-                    grad_v,
                     grad_gathered,
                 )
             own = _return_gradients(grad_gathered, w, length, rank, world, group, is_causal)
@@ -285,24 +279,19 @@ def _merge_two(out_a, lse_a, out_b, lse_b):
 def _attend_span_backward(
     kernel_backward,
     query,
-    key,
-    value,
     out,
     lse,
     grad_out,
     keys_values,
     span,
     heads_of_offset,
-    heads,
-    kv_heads,
     is_causal,
     scale,
     grad_q,
-    grad_k,
-    grad_v,
     grad_gathered,
 ) -> None:
-    """Adds one offset's contribution of a spanning branch to the local and gathered gradients."""
+    """Adds one offset's contribution of a spanning branch to this rank's query gradient rows and to the
+    gradients of the segment's kept keys and values (``grad_gathered``, laid out as the exchange)."""
     batch, _, length, head_dim = query.shape
     q = query[:, heads_of_offset][:, :, span.own]
     o = out[:, heads_of_offset][:, :, span.own]
