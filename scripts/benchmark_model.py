@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--train_lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
-    parser.add_argument("--generation_contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072])
+    parser.add_argument("--generation_contexts", type=int, nargs="+", default=[1000, 4000, 16000, 64000, 128000])
     parser.add_argument(
         "--max_step_seconds",
         type=float,
