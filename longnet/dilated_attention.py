@@ -263,7 +263,9 @@ def gathered_dilated_attention(
     for w, r in branches:
         start = t // w * w
         residue = (t - start) % r  # (Lq, 1)
-        slot = torch.arange(-(-w // r), device=device).view(1, -1)
+        # Only as many slots as the furthest query can see: early in a long segment, few.
+        last = t if is_causal else torch.clamp(start + w - 1, max=k_len - 1)
+        slot = torch.arange(int(((last - start - residue) // r).max()) + 1, device=device).view(1, -1)
         position = start + residue + slot * r  # (Lq, m)
         valid = (residue + slot * r < w) & (position < k_len)
         if is_causal:
