@@ -479,6 +479,12 @@ def _cuda_backward(grad_out, q, k, v, out, lse, is_causal, bias, scale):
 _KERNELS = {"cpu": (_cpu_forward, _cpu_backward), "cuda": (_cuda_forward, _cuda_backward)}
 
 
+def _rows_of(tensor: torch.Tensor) -> torch.Tensor:
+    """``(B, heads, L, D)`` -> ``(B, heads*L, D)``: the row layout the gathers index into."""
+    batch, heads, length, head_dim = tensor.shape
+    return tensor.reshape(batch, heads * length, head_dim)
+
+
 def merge_rows(
     out: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, rows_out: torch.Tensor, rows_lse: torch.Tensor
 ) -> None:
@@ -499,9 +505,7 @@ def fused_forward(
     kernel_forward, _ = _KERNELS[backend]
     batch, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
-    flat_q = query.reshape(batch, heads * q_len, head_dim)
-    flat_k = key.reshape(batch, kv_heads * k_len, head_dim)
-    flat_v = value.reshape(batch, kv_heads * k_len, head_dim)
+    flat_q, flat_k, flat_v = (_rows_of(x) for x in (query, key, value))
     compute_dtype = torch.promote_types(query.dtype, torch.float32)
     out = query.new_zeros(batch, heads * q_len, head_dim, dtype=compute_dtype)
     lse = query.new_full((batch, heads * q_len), float("-inf"), dtype=compute_dtype)
@@ -541,11 +545,7 @@ def fused_backward(
     _, kernel_backward = _KERNELS[backend]
     batch, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
-    flat_q = query.reshape(batch, heads * q_len, head_dim)
-    flat_k = key.reshape(batch, kv_heads * k_len, head_dim)
-    flat_v = value.reshape(batch, kv_heads * k_len, head_dim)
-    flat_out = out.reshape(batch, heads * q_len, head_dim)
-    flat_grad = grad_out.reshape(batch, heads * q_len, head_dim)
+    flat_q, flat_k, flat_v, flat_out, flat_grad = (_rows_of(x) for x in (query, key, value, out, grad_out))
     flat_lse = lse.reshape(batch, heads * q_len)
     grad_q = torch.zeros(batch, heads * q_len, head_dim, dtype=lse.dtype, device=query.device)
     grad_k = torch.zeros(batch, kv_heads * k_len, head_dim, dtype=lse.dtype, device=query.device)
