@@ -168,6 +168,19 @@ def _resolve_backend(backend: str, query: torch.Tensor) -> str:
 # Eager backend: the reference
 
 
+def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of ``scores`` over the ``allowed`` entries of the last dimension, and its log-sum-exp.
+
+    A row with nothing allowed gets probabilities 0 and log-sum-exp -inf; it is computed with a finite
+    stand-in first, so no NaN reaches autograd.
+    """
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    covered = allowed.any(-1)
+    lse = torch.logsumexp(scores.masked_fill(~covered[..., None], 0.0), dim=-1)
+    probabilities = torch.exp(scores - lse[..., None])
+    return probabilities, torch.where(covered, lse, float("-inf"))
+
+
 def eager_dilated_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -208,14 +221,8 @@ def eager_dilated_attention(
         if is_causal:
             allowed = allowed & (position[:, :, None] >= position[:, None, :])
         scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        covered = allowed.any(-1)
-        # Rows without any key get a finite log-sum-exp here (so no NaN reaches autograd) and
-        # -inf below.
-        lse = torch.logsumexp(scores.masked_fill(~covered[..., None], 0.0), dim=-1)
-        p = torch.exp(scores - lse[..., None])
+        p, lse = masked_softmax(scores, allowed)
         out = torch.matmul(p, v.to(compute_dtype))
-        lse = torch.where(covered, lse, float("-inf"))
         keep_rows = slice(q_start - start, q_start - start + q_len)
         outs.append(out.flatten(2, 3)[:, :, keep_rows])
         lses.append(lse.flatten(2, 3)[:, :, keep_rows])
@@ -276,12 +283,10 @@ def gathered_dilated_attention(
         scores = torch.einsum("bkgqd,bkqmd->bkgqm", q, k).flatten(1, 2) * scale  # (B, H, Lq, m)
         takes_part = (head % r) == residue.view(1, q_len)  # (H, Lq)
         allowed = valid.unsqueeze(0) & takes_part.unsqueeze(-1)  # (H, Lq, m)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        covered = allowed.any(-1)
-        lse = torch.logsumexp(scores.masked_fill(~covered[..., None], 0.0), dim=-1)
-        p = torch.exp(scores - lse[..., None]).view(batch, kv_heads, heads // kv_heads, q_len, -1)
+        p, lse = masked_softmax(scores, allowed)
+        p = p.view(batch, kv_heads, heads // kv_heads, q_len, -1)
         outs.append(torch.einsum("bkgqm,bkqmd->bkgqd", p, v).reshape(batch, heads, q_len, head_dim))
-        lses.append(torch.where(covered, lse, float("-inf")))
+        lses.append(lse)
     out, lse, _ = merge_branches(torch.stack(outs), torch.stack(lses))
     return out.to(query.dtype), lse
 

@@ -132,8 +132,10 @@ class _SequenceParallelFunction(torch.autograd.Function):
         for (w, r), keys_values in zip(spanning, gathered, strict=True):
             # Gradients for the gathered keys/values of every member rank, laid out as the gather.
             grad_gathered = torch.zeros_like(keys_values, dtype=lse.dtype)
-            for offset, heads_of_offset in _offsets(r, heads):
-                span = _Span(w, r, offset, length, rank, world, query.device)
+            spans = [
+                (_Span(w, r, o, length, rank, world, query.device), heads_of) for o, heads_of in _offsets(r, heads)
+            ]
+            for span, heads_of_offset in spans:
                 _attend_span_backward(
                     kernel_backward,
                     query,
@@ -149,8 +151,7 @@ class _SequenceParallelFunction(torch.autograd.Function):
                     grad_gathered,
                 )
             own = _return_gradients(grad_gathered, w, length, rank, world, group, is_causal)
-            for offset, heads_of_offset in _offsets(r, heads):
-                span = _Span(w, r, offset, length, rank, world, query.device)
+            for span, heads_of_offset in spans:
                 slots = len(span.own)
                 for h in heads_of_offset:
                     rows = (h // (heads // kv_heads)) * length + span.own
