@@ -11,7 +11,8 @@ which is the same as one softmax over the multiset union of the branches' keys.
   only backend that can return attention weights.
 - ``"cpu"``: PyTorch's fused CPU flash-attention kernel, once per branch on a gathered (dilated)
   copy of the inputs; branches are merged by log-sum-exp.
-- ``"cuda"``: the same scheme over PyTorch's CUDA memory-efficient attention kernel.
+- ``"cuda"``: the same scheme over PyTorch's CUDA flash attention kernel (half precision without a
+  key mask) or its memory-efficient kernel (float32, or a ragged non-causal last segment).
 
 The fused backends use one ``autograd.Function`` whose backward recomputes every branch against the
 merged output and merged log-sum-exp (as ring attention does), so gradients are exact, including the
@@ -440,6 +441,11 @@ def _cpu_backward(grad_out, q, k, v, out, lse, is_causal, bias, scale):
     )
 
 
+def _use_flash(q: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    # The flash kernel is the fastest on recent GPUs but takes no bias and only half precision.
+    return bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+
+
 def _cuda_bias(bias, q):
     # The memory-efficient kernel wants a bias it can read row by row: materialise it over the
     # query dimension, its last dimension padded to a multiple of 16 elements.
@@ -452,6 +458,9 @@ def _cuda_bias(bias, q):
 
 
 def _cuda_forward(q, k, v, is_causal, bias, scale):
+    if _use_flash(q, bias):
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, scale=scale)
+        return out, lse
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, _cuda_bias(bias, q), True, 0.0, is_causal, scale=scale
     )
@@ -459,7 +468,29 @@ def _cuda_forward(q, k, v, is_causal, bias, scale):
 
 
 def _cuda_backward(grad_out, q, k, v, out, lse, is_causal, bias, scale):
-    # The kernel reads a log-sum-exp padded to a multiple of 32 rows.
+    if _use_flash(q, bias):
+        # No dropout, so the random-number state the kernel takes is never read.
+        rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        unused = torch.zeros((), dtype=torch.uint64, device=q.device)
+        grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad_out,
+            q,
+            k,
+            v,
+            out,
+            lse.contiguous(),
+            None,
+            None,
+            q.shape[2],
+            k.shape[2],
+            0.0,
+            is_causal,
+            rng_state,
+            unused,
+            scale=scale,
+        )
+        return grad_q, grad_k, grad_v
+    # The memory-efficient kernel reads a log-sum-exp padded to a multiple of 32 rows.
     padded_lse = lse.new_full((*lse.shape[:2], -(-lse.shape[2] // 32) * 32), float("inf"))
     padded_lse[..., : lse.shape[2]] = lse
     no_rng = torch.zeros((), dtype=torch.int64, device=q.device)

@@ -5,6 +5,7 @@ Both methods run in this process on the same inputs, alternating, in the same dt
 
     python scripts/benchmark_attention.py                      # the full run (about an hour on 2 cores)
     python scripts/benchmark_attention.py --lengths 1024 2048 --repeats 1 --out /tmp/smoke
+    python scripts/benchmark_attention.py --device cuda        # GPU: bf16, dense SDPA forced to flash
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from longnet import dilated_attention
+
+CUDA_DEFAULTS = {"lengths": [1 << p for p in range(15, 23)], "dtypes": ["bfloat16"], "dense_max_length": 131072}
 
 PAPER_SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 PAPER_RATES = [1, 2, 4, 6, 12]
@@ -74,17 +77,43 @@ class PeakMemory:
         return self.peak - self.base
 
 
+class CudaPeakMemory:
+    """Peak allocated GPU memory above the level at entry."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.used = torch.cuda.max_memory_allocated() - self.base
+
+
+def dense_attention(q, k, v):
+    """Causal SDPA; on a GPU forced to the flash kernel, the baseline a GPU user would pick."""
+    if q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 def run_once(method: str, q, k, v, backward: bool) -> tuple[float, int]:
     inputs = [x.detach().requires_grad_(backward) for x in (q, k, v)]
-    with PeakMemory() as memory:
+    with CudaPeakMemory() if q.is_cuda else PeakMemory() as memory:
         start = time.perf_counter()
         with torch.set_grad_enabled(backward):
             if method == "dilated":
                 out = dilated_attention(*inputs, PAPER_SEGMENTS, PAPER_RATES, is_causal=True)
             else:
-                out = F.scaled_dot_product_attention(*inputs, is_causal=True)
+                out = dense_attention(*inputs)
             if backward:
                 out.backward(torch.ones_like(out))
+        if q.is_cuda:
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         del out, inputs
     return elapsed, memory.used
@@ -97,29 +126,43 @@ def main() -> None:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
         os.execv(sys.executable, [sys.executable, *sys.argv])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1 << p for p in range(13, 21)])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--lengths", type=int, nargs="+", help="default 8K..1M on cpu, 32K..4M on cuda")
+    parser.add_argument("--dtypes", nargs="+", help="default float32 and bfloat16 on cpu, bfloat16 on cuda")
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head_dim", type=int, default=64)
-    parser.add_argument("--dense_max_length", type=int, default=32768, help="longest N for dense SDPA")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported)")
-    parser.add_argument("--long_repeats", type=int, default=1, help="timed runs per point above 128K")
-    parser.add_argument("--out", default="docs/benchmarks/attention_cpu")
+    parser.add_argument("--dense_max_length", type=int, help="longest N for dense SDPA (32K cpu, 128K cuda)")
+    parser.add_argument("--repeats", type=int, help="timed runs per point, median reported (3 cpu, 10 cuda)")
+    parser.add_argument("--long_repeats", type=int, help="timed runs per point above 64K (1 cpu, 3 cuda)")
+    parser.add_argument("--out", help="default docs/benchmarks/attention_{device}")
     parser.add_argument(
         "--no_memory_guard",
         action="store_true",
         help="run every point, even one projected (linearly, so pessimistically) not to fit",
     )
     args = parser.parse_args()
+    on_cuda = args.device == "cuda"
+    defaults = {
+        "lengths": CUDA_DEFAULTS["lengths"] if on_cuda else [1 << p for p in range(13, 21)],
+        "dtypes": CUDA_DEFAULTS["dtypes"] if on_cuda else ["float32", "bfloat16"],
+        "dense_max_length": CUDA_DEFAULTS["dense_max_length"] if on_cuda else 32768,
+        "repeats": 10 if on_cuda else 3,
+        "long_repeats": 3 if on_cuda else 1,
+        "out": f"docs/benchmarks/attention_{args.device}",
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for length in args.lengths:
             methods = ["dilated"] + (["dense"] if length <= args.dense_max_length else [])
-            generator = torch.Generator().manual_seed(0)
+            generator = torch.Generator(args.device).manual_seed(0)
             q, k, v = (
-                torch.randn(1, args.heads, length, args.head_dim, generator=generator).to(dtype) for _ in range(3)
+                torch.randn(1, args.heads, length, args.head_dim, generator=generator, device=args.device).to(dtype)
+                for _ in range(3)
             )
             pairs = {
                 "dilated": dilated_pairs(length, args.heads, PAPER_SEGMENTS, PAPER_RATES),
@@ -129,7 +172,7 @@ def main() -> None:
             for backward in (False, True):
                 pass_name = "forward+backward" if backward else "forward"
                 projected = projected_memory(rows, dtype_name, "dilated", pass_name, length)
-                if not args.no_memory_guard and projected > 0.85 * total_memory():
+                if not args.no_memory_guard and projected > 0.85 * total_memory(args.device):
                     print(f"{dtype_name} N={length} {pass_name}: skipped, projected to exceed memory", flush=True)
                     continue
                 times = {m: [] for m in methods}
@@ -171,7 +214,10 @@ def main() -> None:
 def write_results(rows: list[dict], args) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if args.device == "cuda":
+        machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     setup = {
         "machine": machine,
         "heads": args.heads,
@@ -179,13 +225,16 @@ def write_results(rows: list[dict], args) -> None:
         "segment_lengths": PAPER_SEGMENTS,
         "dilation_rates": PAPER_RATES,
         "threads": torch.get_num_threads(),
+        "device": args.device,
     }
     out.with_suffix(".json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(markdown(rows, setup))
     plot(rows, out.with_suffix(".png"), setup)
 
 
-def total_memory() -> int:
+def total_memory(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -217,8 +266,8 @@ def summary(rows: list[dict]) -> list[str]:
         )
         if dil and den:
             lines.append(
-                f"- {dtype}, N = 32K, forward+backward: dilated {dil['median_s']:.2f} s vs dense "
-                f"{den['median_s']:.2f} s: **{den['median_s'] / dil['median_s']:.2f}x faster** "
+                f"- {dtype}, N = 32K, forward+backward: dilated {seconds(dil['median_s'])} vs dense "
+                f"{seconds(den['median_s'])}: **{den['median_s'] / dil['median_s']:.2f}x faster** "
                 f"({den['gflops'] / dil['gflops']:.1f}x fewer FLOPs); achieved {dil['gflop_per_s']:.1f} vs "
                 f"{den['gflop_per_s']:.1f} GFLOP/s = "
                 f"**{dil['gflop_per_s'] / den['gflop_per_s']:.0%}** of dense."
@@ -231,21 +280,34 @@ def summary(rows: list[dict]) -> list[str]:
             ratio = (large["median_s"] / large["length"]) / (small["median_s"] / small["length"])
             lines.append(
                 f"- {dtype}, forward+backward time per token at 1M / at 64K: **{ratio:.2f}** "
-                f"(1M tokens in {large['median_s']:.0f} s, "
+                f"(1M tokens in {seconds(large['median_s'])}, "
                 f"peak {large['peak_memory_gb']:.1f} GB above the inputs)."
             )
     return lines
 
 
+def seconds(value: float) -> str:
+    return f"{value:.2f} s" if value >= 1 else f"{value * 1000:.1f} ms"
+
+
 def markdown(rows: list[dict], setup: dict) -> str:
+    if setup.get("device") == "cuda":
+        title, memory = "GPU; dense SDPA forced to the flash kernel", "peak allocated GPU memory above the inputs"
+        machine = setup["machine"]
+    else:
+        title = "CPU"
+        memory = (
+            "peak resident memory above the inputs during the call (the run sets MALLOC_MMAP_THRESHOLD_=65536 "
+            "so freed blocks leave)"
+        )
+        machine = f"{setup['machine']}, {setup['threads']} threads"
     lines = [
-        "# Dilated attention vs dense causal SDPA (CPU)",
+        f"# Dilated attention vs dense causal SDPA ({title})",
         "",
-        f"Machine: {setup['machine']}, {setup['threads']} threads. Batch 1, H = {setup['heads']}, "
+        f"Machine: {machine}. Batch 1, H = {setup['heads']}, "
         f"D = {setup['head_dim']}, branches w = {setup['segment_lengths']}, r = {setup['dilation_rates']}.",
         "Median of the timed runs; FLOPs count the (query, key) pairs each method must score "
-        "(4·D per pair forward, 12·D forward+backward); memory is the peak resident memory above the "
-        "inputs during the call (the run sets MALLOC_MMAP_THRESHOLD_=65536 so freed blocks leave).",
+        f"(4·D per pair forward, 12·D forward+backward); memory is the {memory}.",
         "",
         *summary(rows),
         "",
