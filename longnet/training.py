@@ -1,4 +1,5 @@
-"""Data for training causal LMs on long documents: corpus files, a tokenizer, packed blocks.
+"""Training causal LMs on long documents: corpus files, a tokenizer, packed blocks, and a Trainer that
+splits each sequence across processes.
 
 Used by ``scripts/train.py`` and ``scripts/evaluate.py``; not needed to load or run a model.
 """
@@ -12,7 +13,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import datasets
-from transformers import PreTrainedTokenizerFast
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import PreTrainedTokenizerFast, Trainer
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".java", ".js", ".ts", ".go", ".rs"}
 TABLE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -133,3 +136,93 @@ def pack_documents(
         num_proc=num_proc,
         desc=f"Tokenizing and packing into blocks of {block_size}",
     )
+
+
+def sequence_parallel_group(size: int):
+    """This rank's group of ``size`` consecutive ranks: ranks ``[g*size, (g+1)*size)`` form group ``g``.
+
+    Every rank must call this (each group is made by all ranks, in the same order). The world splits
+    into ``world_size / size`` groups, which train data parallel.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if size < 1 or world % size != 0:
+        raise ValueError(f"sequence_parallel_size={size} must divide the number of processes ({world})")
+    mine = None
+    for start in range(0, world, size):
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= rank < start + size:
+            mine = group
+    return mine
+
+
+class _EpochDataLoader(DataLoader):
+    """A DataLoader whose ``set_epoch`` (called by the Trainer) reshuffles its distributed sampler."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+
+class SequenceParallelTrainer(Trainer):
+    """A Trainer that runs each sequence split across the ranks of ``sequence_parallel_group``.
+
+    The ranks of a group read the same batches (data is sharded over groups, not ranks, shuffled as
+    the Trainer's own sampler does: the same order as a one-process run when there is one group).
+    Each rank feeds its contiguous chunk of every sequence to ``LongNetForCausalLM`` with the group;
+    the loss is the whole sequence's on every rank, and a group's gradient is the sum of its ranks'.
+    DDP averages over all ``data_parallel * sequence_parallel`` ranks, so the backward pass is scaled
+    by the group size: the update equals data parallel training on whole sequences.
+    """
+
+    def __init__(self, *args, sequence_parallel_group, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sequence_parallel_group = sequence_parallel_group
+        self.sequence_parallel_size = dist.get_world_size(sequence_parallel_group)
+        self.sequence_parallel_rank = dist.get_rank(sequence_parallel_group)
+        self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+        self.args.prediction_loss_only = True  # each rank holds logits of its chunk only
+
+    def _group_loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=self.args.world_size // self.sequence_parallel_size,
+            rank=self.args.process_index // self.sequence_parallel_size,
+            shuffle=shuffle,
+            seed=seed,
+        )
+        return _EpochDataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=self.data_collator,
+            drop_last=self.args.dataloader_drop_last,
+            num_workers=self.args.dataloader_num_workers,
+        )
+
+    def get_train_dataloader(self) -> DataLoader:
+        return self._group_loader(self.train_dataset, self._train_batch_size, shuffle=True)
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        return self._group_loader(dataset, self.args.eval_batch_size, shuffle=False)
+
+    def get_total_train_batch_size(self, args) -> int:
+        return super().get_total_train_batch_size(args) // self.sequence_parallel_size
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        length = inputs["input_ids"].shape[1]
+        chunk = length // self.sequence_parallel_size
+        if chunk * self.sequence_parallel_size != length:
+            raise ValueError(
+                f"a sequence of {length} tokens does not split into {self.sequence_parallel_size} equal chunks"
+            )
+        part = slice(self.sequence_parallel_rank * chunk, (self.sequence_parallel_rank + 1) * chunk)
+        outputs = model(
+            input_ids=inputs["input_ids"][:, part],
+            labels=inputs["labels"][:, part],
+            use_cache=False,
+            sequence_parallel_group=self.sequence_parallel_group,
+        )
+        # Same value; gradient times the group size (see the class docstring).
+        loss = outputs.loss + (self.sequence_parallel_size - 1) * (outputs.loss - outputs.loss.detach())
+        return (loss, outputs) if return_outputs else loss

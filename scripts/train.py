@@ -8,6 +8,7 @@ context length on held-out files and a code completion from the reloaded folder.
     python scripts/train.py --train_file my_corpus/ --block_size 8192 --output_dir out --max_steps 1000
     python scripts/train.py --attention dense --output_dir outputs/llama-stdlib     # the baseline
     accelerate launch --num_processes 2 scripts/train.py ...                         # data parallel
+    torchrun --nproc-per-node 4 scripts/train.py --sequence_parallel_size 2 ...      # 2 x 2: sequence x data
 
 Every TrainingArguments flag works (--bf16, --gradient_accumulation_steps, --gradient_checkpointing,
 --eval_steps, --save_steps, --resume_from_checkpoint, --report_to, ...).
@@ -41,10 +42,13 @@ import longnet  # noqa: F401  (registers LongNet with the Auto classes)
 from longnet import LongNetConfig, LongNetForCausalLM
 from longnet.evaluation import evaluation_documents, perplexity_by_context, write_report
 from longnet.hub import render_model_card
+from longnet.sequence_parallel import check_split
 from longnet.training import (
+    SequenceParallelTrainer,
     expand_paths,
     load_documents,
     pack_documents,
+    sequence_parallel_group,
     split_by_file,
     stdlib_python_files,
     train_tokenizer,
@@ -91,6 +95,13 @@ class DataArguments:
     preprocessing_num_workers: int | None = None
     eval_context_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384])
     eval_max_documents: int = 4
+    document_boundaries: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Keep packed documents apart (position_ids restart at each document; default). With "
+            "false a block is one sequence (documents separated by EOS only), as sequence parallel training reads it."
+        },
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
 
 
@@ -112,6 +123,13 @@ class LongNetTrainingArguments(TrainingArguments):
     bf16: bool = True
     use_cpu: bool = not torch.cuda.is_available()  # bf16 on CPU needs it said
     dataloader_drop_last: bool = True
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "Split each sequence across this many processes (consecutive ranks); the world size must be a "
+            "multiple, and the groups train data parallel."
+        },
+    )
 
 
 def fail(message: str) -> None:
@@ -133,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     train_docs, validation_docs, data_description = load_data(data_args)
     tokenizer = get_tokenizer(model_args, training_args, train_docs)
     model = get_model(model_args, tokenizer, data_args.block_size)
-    check_fit(model, tokenizer, data_args.block_size)
+    check_fit(model, tokenizer, data_args.block_size, training_args.sequence_parallel_size)
 
     with training_args.main_process_first(desc="packing"):
         train_blocks = pack_documents(train_docs, tokenizer, data_args.block_size, data_args.preprocessing_num_workers)
@@ -142,11 +160,13 @@ def main(argv: list[str] | None = None) -> None:
         )
     if len(train_blocks) == 0:
         fail(f"the training data has fewer than block_size={data_args.block_size} tokens")
+    if not data_args.document_boundaries:
+        train_blocks, validation_blocks = (b.remove_columns("position_ids") for b in (train_blocks, validation_blocks))
 
     # Without a cache, transformers' Llama reads restarting position_ids as packed documents, as
     # LongNet always does; both models are trained with use_cache=False.
     model.config.use_cache = False
-    trainer = Trainer(
+    trainer_kwargs = dict(
         model=model,
         args=training_args,
         train_dataset=train_blocks,
@@ -154,6 +174,11 @@ def main(argv: list[str] | None = None) -> None:
         data_collator=default_data_collator,
         processing_class=tokenizer,
     )
+    if training_args.sequence_parallel_size > 1:
+        group = sequence_parallel_group(training_args.sequence_parallel_size)
+        trainer = SequenceParallelTrainer(**trainer_kwargs, sequence_parallel_group=group)
+    else:
+        trainer = Trainer(**trainer_kwargs)
     started = time.time()
     train_result = trainer.train(resume_from_checkpoint=resume_path(training_args))
     model.config.use_cache = True
@@ -176,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         "summary": {
             "tokens per sequence": data_args.block_size,
             "processes": training_args.world_size,
+            "sequence parallel size": training_args.sequence_parallel_size,
             "training sequences": len(train_blocks),
             "wall-clock seconds": round(time.time() - started),
         },
@@ -204,6 +230,7 @@ def check_arguments(model_args, data_args, training_args) -> None:
             fail(f"--{name} {path!r} does not exist")
     if data_args.block_size <= 1:
         fail(f"--block_size must be at least 2, got {data_args.block_size}")
+    check_sequence_parallel(model_args, data_args, training_args)
     output_dir = Path(training_args.output_dir)
     if (
         output_dir.is_dir()
@@ -215,6 +242,28 @@ def check_arguments(model_args, data_args, training_args) -> None:
             f"output_dir {str(output_dir)!r} exists and is not empty; pass --overwrite_output_dir to write into it "
             "or --resume_from_checkpoint to continue a run"
         )
+
+
+def check_sequence_parallel(model_args, data_args, training_args) -> None:
+    """Sequence parallel runs need a LongNet, whole-block sequences and a world the groups divide."""
+    size = training_args.sequence_parallel_size
+    if size < 1:
+        fail(f"--sequence_parallel_size must be at least 1, got {size}")
+    if size == 1:
+        data_args.document_boundaries = data_args.document_boundaries is not False
+        return
+    if model_args.attention != "dilated":
+        fail("--sequence_parallel_size needs --attention dilated (LongNet); the dense baseline has no sequence split")
+    if data_args.document_boundaries:
+        fail(
+            "--sequence_parallel_size reads each block as one sequence; it cannot keep packed documents apart "
+            "(leave out --document_boundaries or pass false)"
+        )
+    data_args.document_boundaries = False
+    if training_args.world_size % size != 0:
+        fail(f"--sequence_parallel_size {size} must divide the number of processes ({training_args.world_size})")
+    if data_args.block_size % size != 0:
+        fail(f"--block_size {data_args.block_size} must be a multiple of --sequence_parallel_size {size}")
 
 
 def resume_path(training_args) -> str | None:
@@ -328,7 +377,16 @@ def get_model(model_args, tokenizer, block_size: int):
     return LongNetForCausalLM(config)
 
 
-def check_fit(model, tokenizer, block_size: int) -> None:
+def check_fit(model, tokenizer, block_size: int, sequence_parallel_size: int) -> None:
+    if sequence_parallel_size > 1:
+        if not isinstance(model, LongNetForCausalLM):
+            fail(f"--sequence_parallel_size needs a LongNetForCausalLM, got {type(model).__name__}")
+        branches = list(zip(model.config.segment_lengths, model.config.dilation_rates, strict=True))
+        chunk = block_size // sequence_parallel_size
+        try:
+            check_split(branches, chunk, [chunk])
+        except ValueError as error:
+            fail(f"--block_size {block_size} over {sequence_parallel_size} processes: {error}")
     if len(tokenizer) > model.config.vocab_size:
         fail(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
     if block_size > model.config.max_position_embeddings:

@@ -277,6 +277,63 @@ def test_two_process_data_parallel_run_trains_and_saves_once(corpus, tmp_path):
     assert (out / "model.safetensors").exists()
 
 
+def log_entries(folder: Path) -> list[dict]:
+    return json.loads((folder / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+
+
+@pytest.mark.parametrize("processes, batch", [(2, 2), (4, 4)], ids=["sp2", "sp2-x-dp2"])
+def test_sequence_parallel_training_matches_one_process(corpus, tmp_path, processes, batch):
+    # Two processes per sequence (and, with four, two such groups training data parallel) against one
+    # process reading the same blocks whole, with the same global batch.
+    common = [
+        "--train_file",
+        str(corpus),
+        *TINY_ARGS,
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "4",
+        "--document_boundaries",
+        "false",
+    ]
+    single, split = tmp_path / "single", tmp_path / "split"
+    run([sys.executable, TRAIN, *common, "--per_device_train_batch_size", str(batch), "--output_dir", str(single)])
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(processes),
+            "--master-port",
+            str(29500 + os.getpid() % 1000),
+            TRAIN,
+            *common,
+            "--sequence_parallel_size",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--output_dir",
+            str(split),
+        ]
+    )
+    expected, got = log_entries(single), log_entries(split)
+    assert [e["step"] for e in got] == [e["step"] for e in expected]
+    for want, have in zip(expected, got, strict=True):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in want:
+                assert have[key] == pytest.approx(want[key], rel=1e-3), (key, want, have)
+    assert (result.stdout + result.stderr).count("Saved to ") == 1
+    info = json.loads((split / "training_info.json").read_text())
+    assert info["summary"]["processes"] == processes and info["summary"]["sequence parallel size"] == 2
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(split)
+    trained = AutoModelForCausalLM.from_pretrained(single)
+    ids = torch.randint(0, 300, (1, 128))
+    torch.testing.assert_close(reloaded(ids).logits, trained(ids).logits, atol=2e-3, rtol=0)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -284,6 +341,12 @@ def test_two_process_data_parallel_run_trains_and_saves_once(corpus, tmp_path):
         (["--block_size", "2048"], "--block_size 2048 is larger than the model supports"),
         (["--vocab_size", "2000", "--config_name", "{small_config}"], "the tokenizer has"),
         (["--attention", "sparse"], "--attention must be 'dilated' or 'dense'"),
+        (["--sequence_parallel_size", "3"], "--sequence_parallel_size 3 must divide the number of processes (1)"),
+        (["--sequence_parallel_size", "2", "--attention", "dense"], "needs --attention dilated"),
+        (
+            ["--sequence_parallel_size", "2", "--document_boundaries", "true"],
+            "it cannot keep packed documents apart",
+        ),
     ],
 )
 def test_bad_arguments_stop_before_training(corpus, tmp_path, extra, message):
