@@ -84,7 +84,8 @@ def dilated_attention(
         out, lse = eager_dilated_attention(query, key, value, branches, is_causal, scale)
         lse = lse.detach()
     elif query.shape[2] <= GATHER_MAX_QUERIES and query.shape[2] < key.shape[2]:
-        out, lse = gathered_dilated_attention(query, key, value, branches, is_causal, scale)
+        few_queries = decode_dilated_attention if query.shape[2] == 1 else gathered_dilated_attention
+        out, lse = few_queries(query, key, value, branches, is_causal, scale)
         lse = lse.detach()
     else:
         with torch.autocast(device_type, enabled=False):
@@ -288,6 +289,48 @@ def gathered_dilated_attention(
         p = p.view(batch, kv_heads, heads // kv_heads, q_len, -1)
         outs.append(torch.einsum("bkgqm,bkqmd->bkgqd", p, v).reshape(batch, heads, q_len, head_dim))
         lses.append(lse)
+    out, lse, _ = merge_branches(torch.stack(outs), torch.stack(lses))
+    return out.to(query.dtype), lse
+
+
+def decode_dilated_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    branches: Sequence[tuple[int, int]],
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dilated attention of one query (the last position) per row: plain decoding; plain autograd.
+
+    In branch (w, r) the query's keys are the strided slice ``start + c, start + c + r, ...`` of its
+    segment (``c`` its residue), seen only by the heads ``c, c + r, c + 2r, ...``: each branch reads
+    ``H/r`` heads of ``w/r`` keys as views, with no gather, and the other heads skip it.
+    """
+    batch, heads, _, head_dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    compute_dtype = torch.promote_types(query.dtype, torch.float32)
+    t = k_len - 1
+    outs, lses = [], []
+    for w, r in branches:
+        start = t // w * w
+        residue = (t - start) % r
+        stop = t + 1 if is_causal else min(start + w, k_len)
+        keep = slice(start + residue, stop, r)
+        taking_part = torch.arange(residue, heads, r, device=query.device)
+        if kv_heads == heads:
+            k, v = key[:, residue::r, keep], value[:, residue::r, keep]
+        else:
+            kv_index = taking_part // (heads // kv_heads)
+            k, v = key[:, :, keep].index_select(1, kv_index), value[:, :, keep].index_select(1, kv_index)
+        q = query[:, residue::r].to(compute_dtype)  # (B, n, 1, D)
+        scores = torch.matmul(q, k.to(compute_dtype).transpose(-1, -2)) * scale  # (B, n, 1, m)
+        lse = torch.logsumexp(scores, dim=-1)
+        part_out = torch.matmul(torch.exp(scores - lse[..., None]), v.to(compute_dtype))
+        out = query.new_zeros(batch, heads, 1, head_dim, dtype=compute_dtype)
+        full_lse = query.new_full((batch, heads, 1), float("-inf"), dtype=compute_dtype)
+        outs.append(out.index_copy(1, taking_part, part_out))
+        lses.append(full_lse.index_copy(1, taking_part, lse))
     out, lse, _ = merge_branches(torch.stack(outs), torch.stack(lses))
     return out.to(query.dtype), lse
 

@@ -101,11 +101,26 @@ class LongNetMLP(nn.Module):
 class LongNetCacheLayer(DynamicLayer):
     """One layer's keys and values, less the oldest positions that no later query can attend.
 
-    ``get_seq_length`` still counts the dropped positions, so generation sees the whole text."""
+    ``get_seq_length`` still counts the dropped positions, so generation sees the whole text. Keys and
+    values are views into buffers with room to grow, so a decoding step writes one position instead of
+    copying the whole cache (as ``torch.cat`` does); a full buffer is replaced by one twice the size.
+    """
 
     def __init__(self):
         super().__init__()
         self.dropped = 0
+        self.key_buffer = self.value_buffer = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.requires_grad or value_states.requires_grad:
+            # Autograd may hold the earlier views: never write into their buffer.
+            self.key_buffer = self.value_buffer = None
+            return super().update(key_states, value_states)
+        self.keys, self.key_buffer = append_in_buffer(self.keys, self.key_buffer, key_states)
+        self.values, self.value_buffer = append_in_buffer(self.values, self.value_buffer, value_states)
+        return self.keys, self.values
 
     def drop_front(self, count: int) -> None:
         if count > 0 and self.is_initialized:
@@ -119,6 +134,42 @@ class LongNetCacheLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.dropped = 0
+        self.key_buffer = self.value_buffer = None
+
+
+def append_in_buffer(
+    stored: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``stored`` with ``new`` appended along the sequence (dim 2), and the buffer that now holds it.
+
+    Written in place when ``stored`` is a slice of ``buffer`` with room after it; otherwise (first call,
+    full buffer, or ``stored`` replaced by beam search's reordering) copied into a new buffer with
+    twice the room it needs, so appending one position costs O(1) amortized.
+    """
+    length = stored.shape[2] if stored.numel() else 0
+    end = length + new.shape[2]
+    begin = slice_start(stored, buffer) if length else 0
+    if buffer is None or begin is None or begin + end > buffer.shape[2] or buffer.shape[:2] != new.shape[:2]:
+        buffer = new.new_empty(new.shape[0], new.shape[1], max(2 * end, 256), new.shape[3])
+        if length:
+            buffer[:, :, :length] = stored
+        begin = 0
+    buffer[:, :, begin + length : begin + end] = new
+    return buffer[:, :, begin : begin + end], buffer
+
+
+def slice_start(view: torch.Tensor, buffer: torch.Tensor | None) -> int | None:
+    """Where ``view`` starts in ``buffer`` along dim 2 if it is such a slice of it, else None."""
+    if (
+        buffer is None
+        or view.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+        or view.stride() != buffer.stride()
+        or view.shape[:2] != buffer.shape[:2]
+        or view.dtype != buffer.dtype
+    ):
+        return None
+    start, rest = divmod(view.storage_offset() - buffer.storage_offset(), buffer.stride(2))
+    return start if rest == 0 and start >= 0 else None
 
 
 class LongNetCache(DynamicCache):

@@ -84,8 +84,11 @@ def time_generation(kind: str, model, context: int, steps: int) -> tuple[float, 
         out = model(token, cache=cache, position_ids=position, use_cache=True)
         times.append(time.perf_counter() - start)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-    stored = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
-    return statistics.median(times[1:] if len(times) > 1 else times), stored * next(model.parameters()).element_size()
+    # Memory the cache holds, buffers' spare room included.
+    allocated = sum(
+        layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes() for layer in cache.layers
+    )
+    return statistics.median(times[1:] if len(times) > 1 else times), allocated
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ CASES = {
     "gqa": (1, 8, 2, 33, 33, [(8, 2), (16, 4)]),
     "mqa": (2, 6, 1, 33, 33, [(4, 1), (16, 4), (64, 8)]),
     "kv-cache-one-query": (2, 4, 2, 1, 53, [(8, 1), (16, 2), (32, 6)]),
+    "kv-cache-one-query-mha": (2, 6, 6, 1, 77, [(8, 1), (16, 4), (64, 6), (128, 12)]),
     "kv-cache-several-queries": (1, 4, 2, 11, 53, [(8, 1), (16, 2), (32, 6)]),
     "kv-cache-query-spans-segments": (1, 3, 3, 21, 50, [(8, 2), (12, 3)]),
     "single-uncovering-branch": (1, 4, 4, 24, 24, [(8, 2)]),
@@ -236,7 +237,10 @@ def test_chunked_calls_match_one_call(monkeypatch):
 
 
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("case", ["kv-cache-one-query", "kv-cache-several-queries", "kv-cache-query-spans-segments"])
+@pytest.mark.parametrize(
+    "case",
+    ["kv-cache-one-query", "kv-cache-one-query-mha", "kv-cache-several-queries", "kv-cache-query-spans-segments"],
+)
 @pytest.mark.parametrize("gather_max_queries", [0, 64], ids=["segments", "gathered"])
 def test_both_kv_cache_paths_match_reference(monkeypatch, gather_max_queries, case, is_causal):
     """A few queries against a cache go through the gathered (decoding) path, more through the segment

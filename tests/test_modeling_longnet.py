@@ -211,13 +211,19 @@ def test_longnet_cache_stays_bounded():
     ids = random_ids(1, 120)
     full = model(ids).logits
     out = model(ids[:, :1], use_cache=True)
-    cache, steps, sizes = out.cache, [out.logits], []
+    cache, steps, sizes, storages = out.cache, [out.logits], [], set()
     for t in range(1, 120):
-        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        with torch.no_grad():  # as in generate(); with autograd on, the cache concatenates instead
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
         cache = out.cache
         steps.append(out.logits)
         sizes.append(cache.layers[0].keys.shape[2])
+        storages.add(cache.layers[0].keys.untyped_storage().data_ptr())
     assert max(sizes) <= 24 and cache.dropped >= 96 and cache.get_seq_length() == 120
+    # Each step writes its position into one preallocated buffer, never re-copying the cache.
+    assert len(storages) == 1
+    position_bytes = cache.layers[0].keys[:, :, :1].numel() * cache.layers[0].keys.element_size()
+    assert cache.layers[0].keys.untyped_storage().nbytes() <= 256 * position_bytes
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
 
 
