@@ -317,7 +317,7 @@ def decode_dilated_attention(
         residue = (t - start) % r
         stop = t + 1 if is_causal else min(start + w, k_len)
         keep = slice(start + residue, stop, r)
-        taking_part = torch.arange(residue, heads, r, device=query.device)
+        taking_part = torch.arange(heads, device=query.device)[residue::r]  # none when residue >= heads
         if kv_heads == heads:
             k, v = key[:, residue::r, keep], value[:, residue::r, keep]
         else:
@@ -564,16 +564,78 @@ def _rows_of(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(batch, heads * length, head_dim)
 
 
+def merge_into(out: torch.Tensor, lse: torch.Tensor, branch_out: torch.Tensor, branch_lse: torch.Tensor) -> None:
+    """Merges one branch's output and log-sum-exp into the running ``out (..., D)``, ``lse (...)`` in place
+    (they may be views). ``lse`` must not be ``-inf`` where ``branch_lse`` is."""
+    new_lse = torch.logaddexp(lse, branch_lse)
+    out.mul_(torch.exp(lse - new_lse).unsqueeze(-1)).add_(branch_out * torch.exp(branch_lse - new_lse).unsqueeze(-1))
+    lse.copy_(new_lse)
+
+
 def merge_rows(
     out: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, rows_out: torch.Tensor, rows_lse: torch.Tensor
 ) -> None:
     """Merges one branch's rows (each target row once) into the running ``out (B, X, D)``, ``lse (B, X)``."""
-    old_lse = lse.index_select(1, targets)
-    new_lse = torch.logaddexp(old_lse, rows_lse)
-    old_weight = torch.exp(old_lse - new_lse).unsqueeze(-1)
-    new_weight = torch.exp(rows_lse - new_lse).unsqueeze(-1)
-    out.index_copy_(1, targets, out.index_select(1, targets).mul_(old_weight).add_(rows_out.mul_(new_weight)))
-    lse.index_copy_(1, targets, new_lse)
+    old_out, old_lse = out.index_select(1, targets), lse.index_select(1, targets)
+    merge_into(old_out, old_lse, rows_out, rows_lse)
+    out.index_copy_(1, targets, old_out)
+    lse.index_copy_(1, targets, old_lse)
+
+
+@dataclass
+class _SlotSet:
+    """One kernel call of the strided path: the heads ``c, c + r, ...`` (``c`` the residue) of
+    ``n_segments`` segments from ``first_segment`` on, each holding ``slots`` kept positions
+    ``start + c + j*r``. Any (B, H, L, ...) tensor yields this set as a strided view, with no copy."""
+
+    w: int
+    r: int
+    residue: int
+    n_heads: int
+    first_segment: int
+    n_segments: int
+    slots: int
+
+    def views(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """One ``(n_segments, n_heads, slots, ...)`` view per batch row (the kernel's batch axis is the
+        segments, which a second batch row does not continue in stride)."""
+        batch_stride, head_stride, position_stride = tensor.stride()[:3]
+        offset = (
+            tensor.storage_offset()
+            + self.residue * head_stride
+            + (self.first_segment * self.w + self.residue) * position_stride
+        )
+        shape = (self.n_segments, self.n_heads, self.slots, *tensor.shape[3:])
+        strides = (self.w * position_stride, self.r * head_stride, self.r * position_stride, *tensor.stride()[3:])
+        return [tensor.as_strided(shape, strides, offset + b * batch_stride) for b in range(tensor.shape[0])]
+
+
+def _slot_sets(w: int, r: int, length: int, heads: int) -> Iterator[_SlotSet]:
+    """The strided path's kernel calls for branch (w, r): per residue in use, the whole segments (at
+    most ``MAX_SLOTS_PER_CALL`` slots a call, bounding the kernel's outputs) and then the segment cut
+    short by the end of the sequence."""
+    whole = length // w
+    rest = length - whole * w
+    for residue in range(min(r, heads)):
+        n_heads = len(range(residue, heads, r))
+        slots = len(range(residue, w, r))
+        per_call = max(1, MAX_SLOTS_PER_CALL // (slots * n_heads))
+        for first in range(0, whole, per_call):
+            yield _SlotSet(w, r, residue, n_heads, first, min(per_call, whole - first), slots)
+        if rest > residue:
+            yield _SlotSet(w, r, residue, n_heads, whole, 1, len(range(residue, rest, r)))
+
+
+def _strided_calls(branches, length: int, heads: int, tensors: Sequence[torch.Tensor]) -> Iterator[list[tuple]]:
+    """For each kernel call of the strided path, the matching views of ``tensors``, one tuple per batch group."""
+    for w, r in branches:
+        for slot_set in _slot_sets(w, r, length, heads):
+            yield list(zip(*(slot_set.views(t) for t in tensors), strict=True))
+
+
+def _expand_heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """Key/value heads repeated to one per query head (grouped-query attention), for the strided path."""
+    return tensor if tensor.shape[1] == heads else tensor.repeat_interleave(heads // tensor.shape[1], dim=1)
 
 
 def fused_forward(
@@ -584,10 +646,19 @@ def fused_forward(
     kernel_forward, _ = _KERNELS[backend]
     batch, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
-    flat_q, flat_k, flat_v = (_rows_of(x) for x in (query, key, value))
     compute_dtype = torch.promote_types(query.dtype, torch.float32)
     out = query.new_zeros(batch, heads * q_len, head_dim, dtype=compute_dtype)
     lse = query.new_full((batch, heads * q_len), float("-inf"), dtype=compute_dtype)
+    if q_len == k_len:
+        # Strided path: the kernel reads each branch's kept positions in place, no gathered copies.
+        out_4d, lse_3d = out.view(batch, heads, q_len, head_dim), lse.view(batch, heads, q_len)
+        key, value = _expand_heads(key, heads), _expand_heads(value, heads)
+        for call in _strided_calls(branches, q_len, heads, (query, key, value, out_4d, lse_3d)):
+            for q, k, v, call_out, call_lse in call:
+                branch_out, branch_lse = kernel_forward(q, k, v, is_causal, None, scale)
+                merge_into(call_out, call_lse, branch_out, branch_lse)
+        return out, lse
+    flat_q, flat_k, flat_v = (_rows_of(x) for x in (query, key, value))
     for branch, layout in _layouts(branches, q_len, k_len, heads, kv_heads, is_causal, query.device, query.dtype):
         branch_out, branch_lse = kernel_forward(
             _to_kernel(flat_q.index_select(1, layout.query_index), layout, heads),
@@ -624,11 +695,36 @@ def fused_backward(
     _, kernel_backward = _KERNELS[backend]
     batch, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
-    flat_q, flat_k, flat_v, flat_out, flat_grad = (_rows_of(x) for x in (query, key, value, out, grad_out))
-    flat_lse = lse.reshape(batch, heads * q_len)
     grad_q = torch.zeros(batch, heads * q_len, head_dim, dtype=lse.dtype, device=query.device)
     grad_k = torch.zeros(batch, kv_heads * k_len, head_dim, dtype=lse.dtype, device=query.device)
     grad_v = torch.zeros_like(grad_k)
+    if q_len == k_len:
+        grad_q_4d = grad_q.view(batch, heads, q_len, head_dim)
+        grad_k_4d, grad_v_4d = (
+            (torch.zeros_like(grad_q_4d) for _ in range(2))
+            if kv_heads != heads
+            else (
+                grad_k.view_as(grad_q_4d),
+                grad_v.view_as(grad_q_4d),
+            )
+        )
+        tensors = (query, _expand_heads(key, heads), _expand_heads(value, heads), out, grad_out)
+        tensors += (lse.view(batch, heads, q_len), grad_q_4d, grad_k_4d, grad_v_4d)
+        for call in _strided_calls(branches, q_len, heads, tensors):
+            for q, k, v, call_out, call_grad, call_lse, call_grad_q, call_grad_k, call_grad_v in call:
+                dq, dk, dv = kernel_backward(
+                    call_grad, q, k, v, call_out, call_lse.contiguous(), is_causal, None, scale
+                )
+                call_grad_q.add_(dq)
+                call_grad_k.add_(dk)
+                call_grad_v.add_(dv)
+        if kv_heads != heads:  # sum each group's gradients back onto its key/value head
+            group = heads // kv_heads
+            grad_k.copy_(grad_k_4d.view(batch, kv_heads, group, k_len, head_dim).sum(2).view_as(grad_k))
+            grad_v.copy_(grad_v_4d.view(batch, kv_heads, group, k_len, head_dim).sum(2).view_as(grad_v))
+        return grad_q, grad_k, grad_v
+    flat_q, flat_k, flat_v, flat_out, flat_grad = (_rows_of(x) for x in (query, key, value, out, grad_out))
+    flat_lse = lse.reshape(batch, heads * q_len)
     for _, layout in _layouts(branches, q_len, k_len, heads, kv_heads, is_causal, query.device, query.dtype):
         slot_grad = flat_grad.index_select(1, layout.query_index)
         slot_out = flat_out.index_select(1, layout.query_index)

@@ -150,7 +150,7 @@ def append_in_buffer(
     end = length + new.shape[2]
     begin = slice_start(stored, buffer) if length else 0
     if buffer is None or begin is None or begin + end > buffer.shape[2] or buffer.shape[:2] != new.shape[:2]:
-        buffer = new.new_empty(new.shape[0], new.shape[1], max(2 * end, 256), new.shape[3])
+        buffer = new.new_empty(new.shape[0], new.shape[1], max(2 * end, 16), new.shape[3])
         if length:
             buffer[:, :, :length] = stored
         begin = 0

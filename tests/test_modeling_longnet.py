@@ -211,19 +211,22 @@ def test_longnet_cache_stays_bounded():
     ids = random_ids(1, 120)
     full = model(ids).logits
     out = model(ids[:, :1], use_cache=True)
-    cache, steps, sizes, storages = out.cache, [out.logits], [], set()
+    cache, steps, sizes, copies, previous = out.cache, [out.logits], [], 0, None
     for t in range(1, 120):
         with torch.no_grad():  # as in generate(); with autograd on, the cache concatenates instead
             out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
         cache = out.cache
         steps.append(out.logits)
-        sizes.append(cache.layers[0].keys.shape[2])
-        storages.add(cache.layers[0].keys.untyped_storage().data_ptr())
+        keys = cache.layers[0].keys
+        sizes.append(keys.shape[2])
+        # `previous` keeps the last step's storage alive, so a new buffer cannot reuse its address.
+        copies += previous is not None and keys.untyped_storage().data_ptr() != previous.untyped_storage().data_ptr()
+        previous = keys
     assert max(sizes) <= 24 and cache.dropped >= 96 and cache.get_seq_length() == 120
-    # Each step writes its position into one preallocated buffer, never re-copying the cache.
-    assert len(storages) == 1
-    position_bytes = cache.layers[0].keys[:, :, :1].numel() * cache.layers[0].keys.element_size()
-    assert cache.layers[0].keys.untyped_storage().nbytes() <= 256 * position_bytes
+    # Steps write their position into a buffer with room to grow: it is replaced only when full.
+    assert copies <= 3
+    position_bytes = keys[:, :, :1].numel() * keys.element_size()
+    assert keys.untyped_storage().nbytes() <= 2 * 25 * position_bytes
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
 
 
