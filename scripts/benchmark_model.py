@@ -7,6 +7,7 @@
 
     python scripts/benchmark_model.py
     python scripts/benchmark_model.py --smoke --out /tmp/model_smoke     # seconds, for the tests
+    python scripts/benchmark_model.py --device cuda                      # GPU: bf16, 4K .. 1M
 """
 
 from __future__ import annotations
@@ -24,28 +25,35 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_attention import PeakMemory  # noqa: E402
+from benchmark_attention import CudaPeakMemory, PeakMemory  # noqa: E402
 
 from longnet import LongNetCache, LongNetConfig, LongNetForCausalLM  # noqa: E402
 
 
-def build(kind: str, size: dict, branches: dict, dtype: torch.dtype):
+def build(kind: str, size: dict, branches: dict, dtype: torch.dtype, device: str = "cpu"):
     torch.manual_seed(0)
     if kind == "longnet":
         model = LongNetForCausalLM(LongNetConfig(**size, **branches))
     else:
         model = LlamaForCausalLM(LlamaConfig(**size))
-    return model.to(dtype)
+    return model.to(device=device, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def time_training_step(model, length: int, repeats: int) -> tuple[list[float], int]:
     model.train()
-    ids = torch.randint(3, model.config.vocab_size, (1, length))
+    device = model.device
+    ids = torch.randint(3, model.config.vocab_size, (1, length), device=device)
     times, peak = [], 0
     for _ in range(repeats):
-        with PeakMemory() as memory:
+        with CudaPeakMemory() if device.type == "cuda" else PeakMemory() as memory:
             start = time.perf_counter()
             model(ids, labels=ids, use_cache=False).loss.backward()
+            synchronize(device)
             times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
         peak = max(peak, memory.used)
@@ -65,7 +73,8 @@ def filled_cache(kind: str, model, context: int):
         stored = context
     shape = (1, config.num_key_value_heads, stored, config.head_dim)
     for layer in range(config.num_hidden_layers):
-        cache.update(torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), layer)
+        keys, values = (torch.randn(shape, dtype=dtype, device=model.device) for _ in range(2))
+        cache.update(keys, values, layer)
     if kind == "longnet":
         for layer in cache.layers:
             layer.dropped = context - stored
@@ -76,12 +85,13 @@ def filled_cache(kind: str, model, context: int):
 def time_generation(kind: str, model, context: int, steps: int) -> tuple[float, int]:
     model.eval()
     cache = filled_cache(kind, model, context)
-    token = torch.randint(3, model.config.vocab_size, (1, 1))
+    token = torch.randint(3, model.config.vocab_size, (1, 1), device=model.device)
     times = []
     for step in range(steps):
-        position = torch.tensor([[context + step]])
+        position = torch.tensor([[context + step]], device=model.device)
         start = time.perf_counter()
         out = model(token, cache=cache, position_ids=position, use_cache=True)
+        synchronize(model.device)
         times.append(time.perf_counter() - start)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     # Memory the cache holds, buffers' spare room included.
@@ -94,9 +104,10 @@ def time_generation(kind: str, model, context: int, steps: int) -> tuple[float, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--train_lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768, 65536])
-    parser.add_argument("--generation_contexts", type=int, nargs="+", default=[1000, 4000, 16000, 64000, 128000])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtypes", nargs="+", help="default float32 and bfloat16 on cpu, bfloat16 on cuda")
+    parser.add_argument("--train_lengths", type=int, nargs="+", help="default 2K..64K on cpu, 4K..1M on cuda")
+    parser.add_argument("--generation_contexts", type=int, nargs="+", help="default 1K..128K (cuda: ..1M)")
     parser.add_argument(
         "--max_step_seconds",
         type=float,
@@ -105,8 +116,19 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--generation_steps", type=int, default=8)
-    parser.add_argument("--out", default="docs/benchmarks/model_cpu")
+    parser.add_argument("--out", help="default docs/benchmarks/model_{device}")
     args = parser.parse_args()
+    on_cuda = args.device == "cuda"
+    contexts = [1000, 4000, 16000, 64000, 128000]
+    defaults = {
+        "dtypes": ["bfloat16"] if on_cuda else ["float32", "bfloat16"],
+        "train_lengths": [1 << p for p in range(12, 21)] if on_cuda else [1 << p for p in range(11, 17)],
+        "generation_contexts": contexts + [1000000] if on_cuda else contexts,
+        "out": f"docs/benchmarks/model_{args.device}",
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed blocks leave: see benchmark_attention.py
         os.execv(sys.executable, [sys.executable, *sys.argv])
@@ -131,7 +153,8 @@ def main() -> None:
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for kind in ("longnet", "llama"):
-            model = build(kind, size, branches, dtype)
+            model = build(kind, size, branches, dtype, args.device)
+            time_training_step(model, 1024, 1)  # warm-up, not recorded
             previous = None
             for length in args.train_lengths:
                 try:
@@ -147,6 +170,9 @@ def main() -> None:
                         }
                     )
                     print(f"{dtype_name} {kind} train {length}: failed ({str(error)[:80]})", flush=True)
+                    model.zero_grad(set_to_none=True)
+                    if on_cuda:
+                        torch.cuda.empty_cache()  # what the failed step held, before generation runs
                     break
                 median = statistics.median(times)
                 rows.append(
@@ -190,8 +216,13 @@ def main() -> None:
                 )
             del model
 
+    if on_cuda:
+        machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    else:
+        machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     setup = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": machine,
+        "device": args.device,
         "size": size,
         "branches": branches,
         "threads": torch.get_num_threads(),
@@ -206,7 +237,7 @@ def main() -> None:
 
 def markdown(rows: list[dict], setup: dict) -> str:
     lines = [
-        "# LongNetForCausalLM vs LlamaForCausalLM (SDPA), same size, this CPU",
+        f"# LongNetForCausalLM vs LlamaForCausalLM (SDPA), same size, {setup.get('device', 'cpu').upper()}",
         "",
         f"Machine: {setup['machine']}, {setup['threads']} threads. Model: {json.dumps(setup['size'])}; LongNet "
         f"branches {json.dumps(setup['branches'])}. Training: one forward+backward on one sequence; generation: "
