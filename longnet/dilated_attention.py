@@ -9,8 +9,9 @@ which is the same as one softmax over the multiset union of the branches' keys.
 
 - ``"eager"``: masked softmax in plain PyTorch, quadratic inside a segment. The reference, and the
   only backend that can return attention weights.
-- ``"cpu"``: PyTorch's fused CPU flash-attention kernel, once per branch on a gathered (dilated)
-  copy of the inputs; branches are merged by log-sum-exp.
+- ``"cpu"``: PyTorch's fused CPU flash-attention kernel, once per branch and head residue on strided
+  views of the inputs (a branch's kept positions are read in place); branches are merged by
+  log-sum-exp. Queries against a longer key cache use gathered (dilated) copies instead.
 - ``"cuda"``: the same scheme over PyTorch's CUDA flash attention kernel (half precision without a
   key mask) or its memory-efficient kernel (float32, or a ragged non-causal last segment).
 
@@ -627,7 +628,7 @@ def _slot_sets(w: int, r: int, length: int, heads: int) -> Iterator[_SlotSet]:
 
 
 def _strided_calls(branches, length: int, heads: int, tensors: Sequence[torch.Tensor]) -> Iterator[list[tuple]]:
-    """For each kernel call of the strided path, the matching views of ``tensors``, one tuple per batch group."""
+    """For each kernel call of the strided path, the matching views of ``tensors``, one tuple per batch row."""
     for w, r in branches:
         for slot_set in _slot_sets(w, r, length, heads):
             yield list(zip(*(slot_set.views(t) for t in tensors), strict=True))
