@@ -143,13 +143,20 @@ def append_in_buffer(
     """``stored`` with ``new`` appended along the sequence (dim 2), and the buffer that now holds it.
 
     Written in place when ``stored`` is a slice of ``buffer`` with room after it; otherwise (first call,
-    full buffer, or ``stored`` replaced by beam search's reordering) copied into a new buffer with
-    twice the room it needs, so appending one position costs O(1) amortized.
+    full buffer, ``stored`` replaced by beam search's reordering, or a buffer more than four times what
+    it holds, as after a long prompt's keys were dropped) copied into a new buffer with twice the room
+    it needs, so appending one position costs O(1) amortized and memory stays within 4x what is stored.
     """
     length = stored.shape[2] if stored.numel() else 0
     end = length + new.shape[2]
     begin = slice_start(stored, buffer) if length else 0
-    if buffer is None or begin is None or begin + end > buffer.shape[2] or buffer.shape[:2] != new.shape[:2]:
+    if (
+        buffer is None
+        or begin is None
+        or begin + end > buffer.shape[2]
+        or buffer.shape[2] > 4 * max(end, 16)
+        or buffer.shape[:2] != new.shape[:2]
+    ):
         buffer = new.new_empty(new.shape[0], new.shape[1], max(2 * end, 16), new.shape[3])
         if length:
             buffer[:, :, :length] = stored

@@ -230,6 +230,20 @@ def test_longnet_cache_stays_bounded():
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
 
 
+@torch.no_grad()
+def test_longnet_cache_memory_shrinks_after_a_long_prompt():
+    """A 100-token prompt fills a buffer for 100+ positions; once the keys before the current 24-token
+    period are dropped, the buffer is replaced by one sized for what is kept."""
+    model = make_model()
+    ids = random_ids(1, 106)
+    cache = model(ids[:, :100], use_cache=True).cache
+    for t in range(100, 106):
+        cache = model(ids[:, t : t + 1], cache=cache, use_cache=True).cache
+    keys = cache.layers[0].keys
+    assert keys.shape[2] <= 24
+    assert keys.untyped_storage().nbytes() <= 4 * 24 * keys[:, :, :1].numel() * keys.element_size()
+
+
 def test_longnet_cache_bounded_with_left_padding_and_generate():
     model = make_model()
     prompts = [random_ids(1, n, seed=n)[0] for n in (3, 10)]
