@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .dilated_attention import _KERNELS, fused_backward, fused_forward, merge_rows
+from .dilated_attention import _KERNELS, fused_backward, fused_forward, merge_into, merge_rows
 
 # Bytes this process has sent to other ranks, forward and backward (measured by the benchmark).
 BYTES_SENT = {"forward": 0, "backward": 0}
@@ -261,20 +261,13 @@ def _attend_span(kernel_forward, query, key, value, keys_values, span, heads_of_
         if span.before:
             earlier = _segment_keys(keys_values, span, heads_of_offset, range(member))
             out2, lse2 = kernel_forward(q, earlier[..., :head_dim], earlier[..., head_dim:], False, None, scale)
-            out, lse = _merge_two(out, lse, out2, lse2)
+            compute_dtype = torch.promote_types(out.dtype, torch.float32)
+            out, lse = out.to(compute_dtype), lse.to(compute_dtype)
+            merge_into(out, lse, out2, lse2.to(compute_dtype))
     else:
         every = _segment_keys(keys_values, span, heads_of_offset, range(span.members))
         out, lse = kernel_forward(q, every[..., :head_dim], every[..., head_dim:], False, None, scale)
     return out.flatten(1, 2), lse.flatten(1, 2)
-
-
-def _merge_two(out_a, lse_a, out_b, lse_b):
-    """Two attentions of the same queries over disjoint keys -> one (merged by log-sum-exp)."""
-    dtype = torch.promote_types(out_a.dtype, torch.float32)
-    lse_a, lse_b = lse_a.to(dtype), lse_b.to(dtype)
-    lse = torch.logaddexp(lse_a, lse_b)
-    out = out_a.to(dtype) * torch.exp(lse_a - lse)[..., None] + out_b.to(dtype) * torch.exp(lse_b - lse)[..., None]
-    return out, lse
 
 
 def _attend_span_backward(
