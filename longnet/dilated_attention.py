@@ -12,8 +12,10 @@ which is the same as one softmax over the multiset union of the branches' keys.
 - ``"cpu"``: PyTorch's fused CPU flash-attention kernel, once per branch and head residue on strided
   views of the inputs (a branch's kept positions are read in place); branches are merged by
   log-sum-exp. Queries against a longer key cache use gathered (dilated) copies instead.
-- ``"cuda"``: the same scheme over PyTorch's CUDA flash attention kernel (half precision without a
-  key mask) or its memory-efficient kernel (float32, or a ragged non-causal last segment).
+- ``"cuda"``: in half precision, every branch's kept positions (per segment and head) are gathered
+  into one list of short sequences for a single variable-length call of PyTorch's CUDA flash kernel,
+  and the branches are merged by scatter; otherwise (float32) the CPU scheme over the
+  memory-efficient kernel.
 
 The fused backends use one ``autograd.Function`` whose backward recomputes every branch against the
 merged output and merged log-sum-exp (as ring attention does), so gradients are exact, including the
@@ -22,10 +24,11 @@ path through the mixing weights, and memory stays O(N).
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -639,6 +642,188 @@ def _expand_heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     return tensor if tensor.shape[1] == heads else tensor.repeat_interleave(heads // tensor.shape[1], dim=1)
 
 
+# Packed path (CUDA flash kernel, Lq == Lk): the kept positions of every branch, segment and head are
+# gathered into one list of short sequences and run as a single variable-length flash call, so a
+# step makes a few large launches instead of one small launch per branch and head residue.
+
+# Packed rows x head_dim handled per flash call: bounds the gathered copies on long inputs.
+MAX_PACKED_ELEMENTS = 1 << 27
+
+
+@dataclass
+class _PackedWindow:
+    """The packed sequences of a window of ``length`` positions: one per (branch, batch row, segment,
+    head) holding that head's kept positions in order. Coordinates are per packed row, on the CPU;
+    ``rows`` turns them into row numbers of a tensor's ``(rows, D)`` view, cached per device."""
+
+    batch_of: torch.Tensor
+    head_of: torch.Tensor
+    position_of: torch.Tensor
+    cu_seqlens: torch.Tensor  # int32, sequence boundaries in the packed rows
+    max_len: int
+    on_device: dict = field(default_factory=dict)
+
+    def rows(self, strides: tuple[int, int, int], group: int, device: torch.device) -> torch.Tensor:
+        """Row numbers for (batch, head, position) ``strides`` counted in rows; a key/value tensor
+        (``group`` query heads per head) reads head ``h // group``."""
+        cache_key = (strides, group, device)
+        if cache_key not in self.on_device:
+            batch_stride, head_stride, position_stride = strides
+            rows = self.batch_of * batch_stride + (self.head_of // group) * head_stride
+            self.on_device[cache_key] = (rows + self.position_of * position_stride).to(device)
+        return self.on_device[cache_key]
+
+    def cu_seqlens_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self.on_device:
+            self.on_device[device] = self.cu_seqlens.to(device)
+        return self.on_device[device]
+
+
+@functools.lru_cache(maxsize=16)
+def _packed_window(batch: int, heads: int, length: int, branches: tuple[tuple[int, int], ...]) -> _PackedWindow:
+    batch_of, head_of, position_of, seq_lens = [], [], [], []
+    head = torch.arange(heads).view(1, heads, 1)
+    for w, r in branches:
+        n_segments, slots = -(-length // w), -(-w // r)
+        in_segment = head % r + r * torch.arange(slots).view(1, 1, slots)  # (1, H, slots)
+        position = w * torch.arange(n_segments).view(n_segments, 1, 1) + in_segment  # (S, H, slots)
+        kept = (in_segment < w) & (position < length)
+        for b in range(batch):
+            position_of.append(position[kept])
+            head_of.append(head.expand_as(position)[kept])
+            batch_of.append(torch.full_like(position_of[-1], b))
+            seq_lens.append(kept.sum(-1).flatten())
+    seq_lens = torch.cat(seq_lens)
+    seq_lens = seq_lens[seq_lens > 0]
+    cu_seqlens = torch.cat([seq_lens.new_zeros(1), seq_lens.cumsum(0)]).to(torch.int32)
+    return _PackedWindow(
+        torch.cat(batch_of), torch.cat(head_of), torch.cat(position_of), cu_seqlens, int(seq_lens.max())
+    )
+
+
+def _packed_windows(
+    batch: int, heads: int, length: int, head_dim: int, branches: Sequence[tuple[int, int]]
+) -> Iterator[tuple[int, _PackedWindow]]:
+    """``(start, window)`` covering the sequence: windows are whole periods of the segment lengths
+    (so every segment lies inside one window), as many as fit ``MAX_PACKED_ELEMENTS``."""
+    period = math.lcm(*(w for w, _ in branches))
+    rows_per_period = batch * heads * sum(-(-period // r) for _, r in branches)
+    window = period * max(1, MAX_PACKED_ELEMENTS // (rows_per_period * head_dim))
+    for start in range(0, length, window):
+        yield start, _packed_window(batch, heads, min(window, length - start), tuple(branches))
+
+
+class _Rows:
+    """A ``(B, H, L, D)`` tensor as a ``(rows, D)`` view of its storage (copied only when its rows are
+    not whole in memory), for gathering and scattering packed rows in place."""
+
+    def __init__(self, tensor: torch.Tensor, group: int = 1) -> None:
+        head_dim = tensor.shape[-1]
+        strides = [0 if n == 1 else s for n, s in zip(tensor.shape, tensor.stride(), strict=True)]
+        if (head_dim > 1 and strides[3] != 1) or any(s % head_dim for s in strides[:3]):
+            tensor = tensor.contiguous()
+            strides = list(tensor.stride())
+        self.strides = tuple(s // head_dim for s in strides[:3])
+        n_rows = 1 + sum((n - 1) * s for n, s in zip(tensor.shape[:3], self.strides, strict=True))
+        self.view = tensor.as_strided((n_rows, head_dim), (head_dim, 1))
+        self.group = group
+
+    def window(self, start: int, window: _PackedWindow) -> tuple[torch.Tensor, torch.Tensor]:
+        """The view from position ``start`` on and the window's row numbers into it."""
+        shift = start * self.strides[2]
+        view = self.view.narrow(0, shift, self.view.shape[0] - shift)
+        return view, window.rows(self.strides, self.group, self.view.device)
+
+    def gather(self, start: int, window: _PackedWindow) -> torch.Tensor:
+        """The window's packed rows ``(N, 1, D)``, the flash kernel's variable-length layout."""
+        view, rows = self.window(start, window)
+        return view.index_select(0, rows).unsqueeze(1)
+
+
+def _use_packed(query: torch.Tensor, backend: str) -> bool:
+    """Whether equal-length queries and keys take the packed path: the CUDA flash kernel's inputs."""
+    return backend == "cuda" and _use_flash(query, None)
+
+
+def _flash_varlen_forward(q, k, v, cu_seqlens, max_len, is_causal, scale):
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, is_causal, False, scale=scale
+    )
+    return out, lse.view(-1)
+
+
+def _flash_varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_len, is_causal, scale):
+    # No dropout, so the random-number state the kernel takes is never read.
+    rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
+    unused = torch.zeros((), dtype=torch.uint64, device=q.device)
+    return torch.ops.aten._flash_attention_backward(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse.view(1, -1),
+        cu_seqlens,
+        cu_seqlens,
+        max_len,
+        max_len,
+        0.0,
+        is_causal,
+        rng_state,
+        unused,
+        scale=scale,
+    )
+
+
+def packed_forward(query, key, value, branches, is_causal: bool, scale: float, out, lse) -> None:
+    """Fills ``out (B, H, L, D)`` (zeros) and ``lse (B, H, L)`` (``-inf``), compute dtype, with all branches
+    merged: each row's log-sum-exp is the log of the sum of its branches' exponentials, its output the
+    branch outputs weighted by their share of that sum."""
+    batch, heads, length, head_dim = query.shape
+    group = heads // key.shape[1]
+    weight_sum = torch.zeros_like(lse)
+    sources = _Rows(query), _Rows(key, group), _Rows(value, group)
+    out_rows, lse_rows, sum_rows = _Rows(out), _Rows(lse.unsqueeze(-1)), _Rows(weight_sum.unsqueeze(-1))
+    for start, window in _packed_windows(batch, heads, length, head_dim, branches):
+        q, k, v = (source.gather(start, window) for source in sources)
+        cu_seqlens = window.cu_seqlens_on(query.device)
+        packed_out, packed_lse = _flash_varlen_forward(q, k, v, cu_seqlens, window.max_len, is_causal, scale)
+        packed_lse = packed_lse.to(lse.dtype)
+        (lse_view, rows), (sum_view, _), (out_view, _) = (
+            x.window(start, window) for x in (lse_rows, sum_rows, out_rows)
+        )
+        lse_view = lse_view.squeeze(1)  # running maximum until the loop ends
+        lse_view.scatter_reduce_(0, rows, packed_lse, "amax")
+        weight = torch.exp(packed_lse - lse_view[rows])
+        sum_view = sum_view.squeeze(1)
+        sum_view.index_add_(0, rows, weight)
+        weight = weight / sum_view[rows]
+        out_view.index_add_(0, rows, packed_out.squeeze(1).to(out.dtype) * weight.unsqueeze(1))
+    lse.add_(weight_sum.log())
+
+
+def packed_backward(
+    query, key, value, out, lse, grad_out, branches, is_causal: bool, scale: float, grad_q, grad_k, grad_v
+) -> None:
+    """Adds every branch's query, key and value gradients, recomputed against the merged ``out`` and
+    ``lse``, into ``grad_q (B, H, L, D)`` and ``grad_k``, ``grad_v (B, Hkv, L, D)``."""
+    batch, heads, length, head_dim = query.shape
+    group = heads // key.shape[1]
+    sources = _Rows(query), _Rows(key, group), _Rows(value, group), _Rows(out), _Rows(grad_out)
+    lse_rows = _Rows(lse.unsqueeze(-1))
+    targets = _Rows(grad_q), _Rows(grad_k, group), _Rows(grad_v, group)
+    for start, window in _packed_windows(batch, heads, length, head_dim, branches):
+        q, k, v, packed_out, packed_grad = (source.gather(start, window) for source in sources)
+        packed_lse = lse_rows.gather(start, window).view(-1)
+        cu_seqlens = window.cu_seqlens_on(query.device)
+        grads = _flash_varlen_backward(
+            packed_grad, q, k, v, packed_out, packed_lse, cu_seqlens, window.max_len, is_causal, scale
+        )
+        for target, grad in zip(targets, grads, strict=True):
+            view, rows = target.window(start, window)
+            view.index_add_(0, rows, grad.squeeze(1).to(view.dtype))
+
+
 def fused_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, branches, is_causal: bool, scale: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -650,6 +835,9 @@ def fused_forward(
     compute_dtype = torch.promote_types(query.dtype, torch.float32)
     out = query.new_zeros(batch, heads * q_len, head_dim, dtype=compute_dtype)
     lse = query.new_full((batch, heads * q_len), float("-inf"), dtype=compute_dtype)
+    if q_len == k_len and _use_packed(query, backend):
+        packed_forward(query, key, value, branches, is_causal, scale, out.view_as(query), lse.view(batch, heads, q_len))
+        return out, lse
     if q_len == k_len:
         # Strided path: the kernel reads each branch's kept positions in place, no gathered copies.
         out_4d, lse_3d = out.view(batch, heads, q_len, head_dim), lse.view(batch, heads, q_len)
@@ -699,6 +887,23 @@ def fused_backward(
     grad_q = torch.zeros(batch, heads * q_len, head_dim, dtype=lse.dtype, device=query.device)
     grad_k = torch.zeros(batch, kv_heads * k_len, head_dim, dtype=lse.dtype, device=query.device)
     grad_v = torch.zeros_like(grad_k)
+    if q_len == k_len and _use_packed(query, backend):
+        grad_k_4d, grad_v_4d = (x.view(batch, kv_heads, k_len, head_dim) for x in (grad_k, grad_v))
+        packed_backward(
+            query,
+            key,
+            value,
+            out,
+            lse.view(batch, heads, q_len),
+            grad_out,
+            branches,
+            is_causal,
+            scale,
+            grad_q.view_as(query),
+            grad_k_4d,
+            grad_v_4d,
+        )
+        return grad_q, grad_k, grad_v
     if q_len == k_len:
         grad_q_4d = grad_q.view(batch, heads, q_len, head_dim)
         grad_k_4d, grad_v_4d = (

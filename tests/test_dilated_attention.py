@@ -120,13 +120,22 @@ def test_cuda_gradients_match_reference_fp32():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
-def test_cuda_bf16_flash_gradients_match_reference(is_causal):
-    # Whole segments in bf16 take the flash kernel (no key mask needed); the reference gets the
-    # same bf16-rounded inputs in float64. bf16 rounding of probabilities and outputs bounds the
-    # relative error of each gradient at a few 2**-8 steps.
-    branches = [(64, 1), (128, 2), (256, 4)]
-    inputs = [x.requires_grad_() for x in make_inputs(2, 8, 2, 512, 512, 64, torch.bfloat16, "cuda")]
-    grad_out = torch.randn(2, 8, 512, 64, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize(
+    "branches, length, max_elements",
+    [
+        ([(64, 1), (128, 2), (256, 4)], 512, 1 << 27),
+        ([(64, 1), (128, 2), (256, 4)], 512, 1),  # one flash call per 256 positions
+        ([(64, 1), (96, 6), (256, 12)], 500, 1 << 27),  # sequences of unequal lengths, a ragged end
+    ],
+    ids=["whole-segments", "windows", "ragged"],
+)
+def test_cuda_bf16_flash_gradients_match_reference(monkeypatch, is_causal, branches, length, max_elements):
+    # bf16 takes the packed variable-length flash call; the reference gets the same bf16-rounded
+    # inputs in float64. bf16 rounding of probabilities and outputs bounds the relative error of
+    # each gradient at a few 2**-8 steps.
+    monkeypatch.setattr(importlib.import_module("longnet.dilated_attention"), "MAX_PACKED_ELEMENTS", max_elements)
+    inputs = [x.requires_grad_() for x in make_inputs(2, 8, 2, length, length, 64, torch.bfloat16, "cuda")]
+    grad_out = torch.randn(2, 8, length, 64, device="cuda", dtype=torch.bfloat16)
     segments, rates = zip(*branches, strict=True)
     grads = torch.autograd.grad(
         dilated_attention(*inputs, segments, rates, is_causal=is_causal, backend="cuda"), inputs, grad_out
@@ -236,6 +245,81 @@ def test_chunked_calls_match_one_call(monkeypatch, q_len):
         torch.testing.assert_close(chunked, whole, atol=1e-12, rtol=0)
         for a, b in zip(chunked_grads, whole_grads, strict=True):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def _sequence_scores(q, k, start, end, is_causal, scale):
+    scores = q[start:end, 0].double() @ k[start:end, 0].double().T * scale
+    if is_causal:
+        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+    return scores
+
+
+def reference_varlen_forward(q, k, v, cu_seqlens, max_len, is_causal, scale):
+    """The flash kernel's variable-length forward written out per packed sequence, in float64."""
+    outs, lses = [], []
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
+        scores = _sequence_scores(q, k, start, end, is_causal, scale)
+        lses.append(torch.logsumexp(scores, -1))
+        outs.append(torch.exp(scores - lses[-1][:, None]) @ v[start:end, 0].double())
+    return torch.cat(outs).unsqueeze(1).to(q.dtype), torch.cat(lses)
+
+
+def reference_varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_len, is_causal, scale):
+    """The flash kernel's variable-length backward per packed sequence (softmax gradient against the
+    given ``out`` and ``lse``), in float64."""
+    grads = [torch.zeros_like(x, dtype=torch.float64) for x in (q, k, v)]
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
+        rows = slice(start, end)
+        q_s, k_s, v_s, out_s, grad_s = (x[rows, 0].double() for x in (q, k, v, out, grad_out))
+        probs = torch.exp(_sequence_scores(q, k, start, end, is_causal, scale) - lse[rows, None].double())
+        grad_scores = probs * (grad_s @ v_s.T - (grad_s * out_s).sum(-1, keepdim=True))
+        grads[0][rows, 0] = grad_scores @ k_s * scale
+        grads[1][rows, 0] = grad_scores.T @ q_s * scale
+        grads[2][rows, 0] = probs.T @ grad_s
+    return tuple(g.to(q.dtype) for g in grads)
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("max_elements", [1 << 27, 64], ids=["one-call", "windows"])
+@pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "ragged-length",
+        "segment-longer-than-sequence",
+        "w-not-multiple-of-r",
+        "r-greater-than-heads",
+        "gqa",
+        "mqa",
+        "single-uncovering-branch",
+    ],
+)
+def test_packed_path_matches_reference(monkeypatch, case, is_causal, max_elements, layout):
+    """On CUDA, half-precision inputs go through one variable-length flash call over every branch's
+    packed sequences. Here that call is a per-sequence float64 stand-in, so the packing, the merge by
+    log-sum-exp and the gradient scatter are checked on any machine (windows: several calls; blhd:
+    the model's (B, L, H, D) storage read in place)."""
+    module = importlib.import_module("longnet.dilated_attention")
+    monkeypatch.setattr(module, "_use_packed", lambda query, backend: True)
+    monkeypatch.setattr(module, "_flash_varlen_forward", reference_varlen_forward)
+    monkeypatch.setattr(module, "_flash_varlen_backward", reference_varlen_backward)
+    monkeypatch.setattr(module, "MAX_PACKED_ELEMENTS", max_elements)
+    batch, heads, kv_heads, length, _, branches = CASES[case]
+    inputs = make_inputs(batch, heads, kv_heads, length, length, 8, torch.float64)
+    if layout == "blhd":
+        inputs = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs]
+    inputs = [x.requires_grad_() for x in inputs]
+    out, lse = module._DilatedAttentionFunction.apply(*inputs, branches, is_causal, 8**-0.5, "cuda")
+    ref_out, ref_lse = reference_attention(*inputs, branches, is_causal)
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=0)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-10, rtol=0)
+    grad_out = torch.randn(batch, length, heads, 8, dtype=torch.float64).transpose(1, 2)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_grads = torch.autograd.grad(ref_out, inputs, grad_out)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
