@@ -14,8 +14,8 @@ which is the same as one softmax over the multiset union of the branches' keys.
   log-sum-exp. Queries against a longer key cache use gathered (dilated) copies instead.
 - ``"cuda"``: in half precision, every branch's kept positions (per segment and head) are gathered
   into one list of short sequences for a single variable-length call of PyTorch's CUDA flash kernel,
-  and the branches are merged by scatter; otherwise (float32) the CPU scheme over the
-  memory-efficient kernel.
+  and the branches are merged by scatter; otherwise (float32, or a head size flash does not take)
+  the CPU scheme over the memory-efficient kernel.
 
 The fused backends use one ``autograd.Function`` whose backward recomputes every branch against the
 merged output and merged log-sum-exp (as ring attention does), so gradients are exact, including the
@@ -746,6 +746,7 @@ def _use_packed(query: torch.Tensor, backend: str) -> bool:
 
 
 def _flash_varlen_forward(q, k, v, cu_seqlens, max_len, is_causal, scale):
+    """One flash call over packed sequences ``(N, 1, D)``: their outputs and log-sum-exps ``(N,)``."""
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
         q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, is_causal, False, scale=scale
     )
@@ -753,6 +754,7 @@ def _flash_varlen_forward(q, k, v, cu_seqlens, max_len, is_causal, scale):
 
 
 def _flash_varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_len, is_causal, scale):
+    """The matching backward against the given (merged) ``out`` and ``lse``: dq, dk, dv ``(N, 1, D)``."""
     # No dropout, so the random-number state the kernel takes is never read.
     rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)
     unused = torch.zeros((), dtype=torch.uint64, device=q.device)
