@@ -30,7 +30,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_longnet import LongNetConfig
-from .dilated_attention import dilated_attention, eager_dilated_attention
+from .dilated_attention import dilated_attention
+from .dilated_attention_eager import eager_dilated_attention
 
 
 class LongNetRMSNorm(nn.Module):

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .dilated_attention import _KERNELS, fused_backward, fused_forward, merge_into, merge_rows
+from .dilated_attention_merge import merge_into, merge_rows
+from .dilated_attention_sdpa import KERNELS, fused_backward, fused_forward
 
 # Bytes this process has sent to other ranks, forward and backward (measured by the benchmark).
 BYTES_SENT = {"forward": 0, "backward": 0}
@@ -46,18 +47,16 @@ def sequence_parallel_dilated_attention(
     branches: Sequence[tuple[int, int]],
     is_causal: bool,
     scale: float,
-    backend: str,
     group,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's output ``(B, H, L, D)`` and log-sum-exp ``(B, H, L)``; see the module docstring."""
-    if backend not in _KERNELS:
-        raise ValueError(f"sequence parallel attention runs on the fused backends {sorted(_KERNELS)}, not {backend!r}")
+    """This rank's output ``(B, H, L, D)`` and log-sum-exp ``(B, H, L)``, on the sdpa path (CPU or CUDA
+    tensors); see the module docstring."""
     if query.shape[2] != key.shape[2]:
         raise ValueError("sequence parallel attention takes no KV cache: query and key must have the same length")
     lengths = [torch.zeros(1, dtype=torch.long, device=query.device) for _ in range(dist.get_world_size(group))]
     dist.all_gather(lengths, torch.tensor([query.shape[2]], device=query.device), group=group)
     check_split(branches, query.shape[2], [int(x) for x in lengths])
-    return _SequenceParallelFunction.apply(query, key, value, tuple(branches), is_causal, scale, backend, group)
+    return _SequenceParallelFunction.apply(query, key, value, tuple(branches), is_causal, scale, group)
 
 
 class _Span:
@@ -80,15 +79,15 @@ class _Span:
 
 class _SequenceParallelFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, branches, is_causal, scale, backend, group):
-        kernel_forward, _ = _KERNELS[backend]
+    def forward(ctx, query, key, value, branches, is_causal, scale, group):
+        kernel_forward, _ = KERNELS[query.device.type]
         batch, heads, length, head_dim = query.shape
         kv_heads = key.shape[1]
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         local = [(w, r) for w, r in branches if length % w == 0]
         spanning = [(w, r) for w, r in branches if length % w != 0]
         if local:
-            out, lse = fused_forward(query, key, value, local, is_causal, scale, backend)
+            out, lse = fused_forward(query, key, value, local, is_causal, scale)
         else:
             out = query.new_zeros(
                 batch, heads * length, head_dim, dtype=torch.promote_types(query.dtype, torch.float32)
@@ -109,22 +108,20 @@ class _SequenceParallelFunction(torch.autograd.Function):
         out = out_rows.to(query.dtype).view_as(query)
         lse = lse_rows.view(batch, heads, length)
         ctx.save_for_backward(query, key, value, out, lse, *gathered)
-        ctx.config = (branches, local, spanning, is_causal, scale, backend, group, kv_heads)
+        ctx.config = (branches, local, spanning, is_causal, scale, group, kv_heads)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
         query, key, value, out, lse, *gathered = ctx.saved_tensors
-        branches, local, spanning, is_causal, scale, backend, group, kv_heads = ctx.config
-        _, kernel_backward = _KERNELS[backend]
+        branches, local, spanning, is_causal, scale, group, kv_heads = ctx.config
+        _, kernel_backward = KERNELS[query.device.type]
         batch, heads, length, head_dim = query.shape
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         grad_out = grad_out.contiguous()
         if local:
-            grad_q, grad_k, grad_v = fused_backward(
-                query, key, value, out, lse, grad_out, local, is_causal, scale, backend
-            )
+            grad_q, grad_k, grad_v = fused_backward(query, key, value, out, lse, grad_out, local, is_causal, scale)
         else:
             grad_q = torch.zeros(batch, heads * length, head_dim, dtype=lse.dtype, device=query.device)
             grad_k = torch.zeros(batch, kv_heads * length, head_dim, dtype=lse.dtype, device=query.device)

@@ -1,11 +1,13 @@
-"""Dilated attention against dense causal SDPA: time, tokens/s, GFLOP/s and peak memory by length.
+"""Dilated attention's paths against dense causal SDPA: time, pair rate, GFLOP/s and peak memory by length.
 
-Both methods run in this process on the same inputs, alternating, in the same dtype. Writes
-``{out}.json``, ``{out}.md`` and ``{out}.png``.
+Every method runs in this process on the same inputs, alternating, in the same dtype; the dilated
+methods are the paths of ``dilated_attention`` (``backend=``). Timed runs are steady state: on CUDA
+one untimed run at the same shape comes first (its time, with compilation and index building, is
+reported apart as ``first_call_s``). Writes ``{out}.json``, ``{out}.md`` and ``{out}.png``.
 
     python scripts/benchmark_attention.py                      # the full run (about an hour on 2 cores)
     python scripts/benchmark_attention.py --lengths 1024 2048 --repeats 1 --out /tmp/smoke
-    python scripts/benchmark_attention.py --device cuda        # GPU: bf16, dense SDPA forced to flash
+    python scripts/benchmark_attention.py --device cuda        # GPU: bf16, triton and sdpa vs dense flash
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ import torch.nn.functional as F
 
 from longnet import dilated_attention
 
-CUDA_DEFAULTS = {"lengths": [1 << p for p in range(15, 23)], "dtypes": ["bfloat16"], "dense_max_length": 131072}
+CUDA_DEFAULTS = {
+    "lengths": [1 << p for p in range(13, 23)],
+    "dtypes": ["bfloat16"],
+    "dense_max_length": 131072,
+    "methods": ["triton", "sdpa", "dense"],
+}
+CPU_METHODS = ["sdpa", "dense"]
 
 PAPER_SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 PAPER_RATES = [1, 2, 4, 6, 12]
@@ -102,14 +110,15 @@ def dense_attention(q, k, v):
 
 
 def run_once(method: str, q, k, v, backward: bool) -> tuple[float, int]:
+    """One call of ``method`` ("dense", or a ``dilated_attention`` backend): seconds and peak memory."""
     inputs = [x.detach().requires_grad_(backward) for x in (q, k, v)]
     with CudaPeakMemory() if q.is_cuda else PeakMemory() as memory:
         start = time.perf_counter()
         with torch.set_grad_enabled(backward):
-            if method == "dilated":
-                out = dilated_attention(*inputs, PAPER_SEGMENTS, PAPER_RATES, is_causal=True)
-            else:
+            if method == "dense":
                 out = dense_attention(*inputs)
+            else:
+                out = dilated_attention(*inputs, PAPER_SEGMENTS, PAPER_RATES, is_causal=True, backend=method)
             if backward:
                 out.backward(torch.ones_like(out))
         if q.is_cuda:
@@ -127,6 +136,11 @@ def main() -> None:
         os.execv(sys.executable, [sys.executable, *sys.argv])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        help="dilated_attention backends and/or dense (cpu: sdpa dense; cuda: triton sdpa dense)",
+    )
     parser.add_argument("--lengths", type=int, nargs="+", help="default 8K..1M on cpu, 32K..4M on cuda")
     parser.add_argument("--dtypes", nargs="+", help="default float32 and bfloat16 on cpu, bfloat16 on cuda")
     parser.add_argument("--heads", type=int, default=12)
@@ -149,6 +163,7 @@ def main() -> None:
         "repeats": 10 if on_cuda else 3,
         "long_repeats": 3 if on_cuda else 1,
         "out": f"docs/benchmarks/attention_{args.device}",
+        "methods": CUDA_DEFAULTS["methods"] if on_cuda else CPU_METHODS,
     }
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -158,33 +173,37 @@ def main() -> None:
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for length in args.lengths:
-            methods = ["dilated"] + (["dense"] if length <= args.dense_max_length else [])
+            methods = [m for m in args.methods if m != "dense" or length <= args.dense_max_length]
             generator = torch.Generator(args.device).manual_seed(0)
             q, k, v = (
                 torch.randn(1, args.heads, length, args.head_dim, generator=generator, device=args.device).to(dtype)
                 for _ in range(3)
             )
-            pairs = {
-                "dilated": dilated_pairs(length, args.heads, PAPER_SEGMENTS, PAPER_RATES),
-                "dense": args.heads * length * (length + 1) // 2,
-            }
+            dilated = dilated_pairs(length, args.heads, PAPER_SEGMENTS, PAPER_RATES)
+            pairs = {m: args.heads * length * (length + 1) // 2 if m == "dense" else dilated for m in methods}
             repeats = args.repeats if length <= 65536 else args.long_repeats
             for backward in (False, True):
                 pass_name = "forward+backward" if backward else "forward"
-                projected = projected_memory(rows, dtype_name, "dilated", pass_name, length)
-                if not args.no_memory_guard and projected > 0.85 * total_memory(args.device):
-                    print(f"{dtype_name} N={length} {pass_name}: skipped, projected to exceed memory", flush=True)
-                    continue
-                times = {m: [] for m in methods}
-                memory = {m: 0 for m in methods}
-                for method in methods:  # warm-up, not timed
-                    run_once(method, q[:, :, :2048], k[:, :, :2048], v[:, :, :2048], backward)
+                fits = [
+                    m
+                    for m in methods
+                    if args.no_memory_guard
+                    or projected_memory(rows, dtype_name, m, pass_name, length) <= 0.85 * total_memory(args.device)
+                ]
+                for method in sorted(set(methods) - set(fits)):
+                    print(f"{dtype_name} N={length} {method} {pass_name}: skipped, projected to exceed memory")
+                times = {m: [] for m in fits}
+                memory = {m: 0 for m in fits}
+                first_call = {}
+                for method in fits:  # warm-up, not timed: on CUDA at the same shape (compilation, index lists)
+                    warm = (q, k, v) if on_cuda else (q[:, :, :2048], k[:, :, :2048], v[:, :, :2048])
+                    first_call[method] = run_once(method, *warm, backward)[0]
                 for _ in range(repeats):
-                    for method in methods:  # alternate the methods
+                    for method in fits:  # alternate the methods
                         elapsed, used = run_once(method, q, k, v, backward)
                         times[method].append(elapsed)
                         memory[method] = max(memory[method], used)
-                for method in methods:
+                for method in fits:
                     median = statistics.median(times[method])
                     row = {
                         "dtype": dtype_name,
@@ -193,7 +212,9 @@ def main() -> None:
                         "pass": "forward+backward" if backward else "forward",
                         "times_s": times[method],
                         "median_s": median,
+                        "first_call_s": first_call[method],
                         "tokens_per_s": length / median,
+                        "gpairs_per_s": pairs[method] / median / 1e9,
                         "gflops": flops(pairs[method], args.head_dim, backward) / 1e9,
                         "gflop_per_s": flops(pairs[method], args.head_dim, backward) / median / 1e9,
                         "peak_memory_gb": memory[method] / 1e9,
@@ -202,7 +223,8 @@ def main() -> None:
                     rows.append(row)
                     print(
                         f"{dtype_name:9s} N={length:8d} {method:8s} {row['pass']:17s} "
-                        f"{median:9.3f}s {row['tokens_per_s']:10.0f} tok/s {row['gflop_per_s']:7.1f} GFLOP/s "
+                        f"{median:9.4f}s {row['tokens_per_s']:10.0f} tok/s {row['gpairs_per_s']:7.1f} Gpair/s "
+                        f"{row['gflop_per_s']:9.1f} GFLOP/s "
                         f"{row['peak_memory_gb']:6.2f} GB",
                         flush=True,
                     )
@@ -250,9 +272,11 @@ def projected_memory(rows: list[dict], dtype: str, method: str, pass_: str, leng
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """The issue's targets, computed from the rows that exist."""
+    """The issues' targets, computed from the rows that exist: each dilated path's pair rate against
+    dense attention's (same length, or dense's best where dense did not run), its speed against the
+    other paths, and its time per token at 1M against 64K."""
 
-    def find(dtype, length, method, pass_):
+    def find(dtype, length, method, pass_="forward+backward"):
         for row in rows:
             if (row["dtype"], row["length"], row["method"], row["pass"]) == (dtype, length, method, pass_):
                 return row
@@ -260,29 +284,37 @@ def summary(rows: list[dict]) -> list[str]:
 
     lines = []
     for dtype in sorted({row["dtype"] for row in rows}):
-        dil, den = (
-            find(dtype, 32768, "dilated", "forward+backward"),
-            find(dtype, 32768, "dense", "forward+backward"),
-        )
-        if dil and den:
-            lines.append(
-                f"- {dtype}, N = 32K, forward+backward: dilated {seconds(dil['median_s'])} vs dense "
-                f"{seconds(den['median_s'])}: **{den['median_s'] / dil['median_s']:.2f}x faster** "
-                f"({den['gflops'] / dil['gflops']:.1f}x fewer FLOPs); achieved {dil['gflop_per_s']:.1f} vs "
-                f"{den['gflop_per_s']:.1f} GFLOP/s = "
-                f"**{dil['gflop_per_s'] / den['gflop_per_s']:.0%}** of dense."
-            )
-        small, large = (
-            find(dtype, 65536, "dilated", "forward+backward"),
-            find(dtype, 1 << 20, "dilated", "forward+backward"),
-        )
-        if small and large:
-            ratio = (large["median_s"] / large["length"]) / (small["median_s"] / small["length"])
-            lines.append(
-                f"- {dtype}, forward+backward time per token at 1M / at 64K: **{ratio:.2f}** "
-                f"(1M tokens in {seconds(large['median_s'])}, "
-                f"peak {large['peak_memory_gb']:.1f} GB above the inputs)."
-            )
+        dense_rows = [r for r in rows if (r["dtype"], r["method"], r["pass"]) == (dtype, "dense", "forward+backward")]
+        dense_best = max((r["gpairs_per_s"] for r in dense_rows if "gpairs_per_s" in r), default=None)
+        paths = sorted({r["method"] for r in rows if r["dtype"] == dtype and r["method"] != "dense"})
+        for method in paths:
+            for length in sorted({r["length"] for r in rows if r["dtype"] == dtype}):
+                row, dense = find(dtype, length, method), find(dtype, length, "dense")
+                if row is None or "gpairs_per_s" not in row:
+                    continue
+                parts = [f"{method}: {seconds(row['median_s'])}, {row['gpairs_per_s']:.1f} G pairs/s"]
+                if dense is not None:
+                    parts.append(
+                        f"**{row['gpairs_per_s'] / dense['gpairs_per_s']:.0%}** of dense's pair rate "
+                        f"({dense['gpairs_per_s']:.1f}), {dense['median_s'] / row['median_s']:.2f}x faster than dense"
+                    )
+                elif dense_best:
+                    parts.append(
+                        f"**{row['gpairs_per_s'] / dense_best:.0%}** of dense's best pair rate ({dense_best:.1f})"
+                    )
+                for other in paths:
+                    other_row = find(dtype, length, other)
+                    if other != method and other_row is not None:
+                        parts.append(f"{other_row['median_s'] / row['median_s']:.2f}x faster than {other}")
+                lines.append(f"- {dtype}, N = {length}, forward+backward: " + "; ".join(parts) + ".")
+            small, large = find(dtype, 65536, method), find(dtype, 1 << 20, method)
+            if small and large:
+                ratio = (large["median_s"] / large["length"]) / (small["median_s"] / small["length"])
+                lines.append(
+                    f"- {dtype}, {method}, forward+backward time per token at 1M / at 64K: **{ratio:.2f}** "
+                    f"(1M tokens in {seconds(large['median_s'])}, "
+                    f"peak {large['peak_memory_gb']:.1f} GB above the inputs)."
+                )
     return lines
 
 
@@ -306,19 +338,20 @@ def markdown(rows: list[dict], setup: dict) -> str:
         "",
         f"Machine: {machine}. Batch 1, H = {setup['heads']}, "
         f"D = {setup['head_dim']}, branches w = {setup['segment_lengths']}, r = {setup['dilation_rates']}.",
-        "Median of the timed runs; FLOPs count the (query, key) pairs each method must score "
-        f"(4·D per pair forward, 12·D forward+backward); memory is the {memory}.",
+        "Median of the timed runs (first call, with compilation and index building, apart); pairs are the "
+        "(query, key) pairs each method must score, causal on both sides; FLOPs count 4·D per pair forward, "
+        f"12·D forward+backward; memory is the {memory}. Dilated methods are `dilated_attention` backends.",
         "",
         *summary(rows),
         "",
-        "| dtype | N | pass | method | median s | tokens/s | GFLOP | GFLOP/s | peak GB |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|",
+        "| dtype | N | pass | method | median s | first call s | tokens/s | G pairs/s | GFLOP/s | peak GB |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['dtype']} | {row['length']} | {row['pass']} | {row['method']} | {row['median_s']:.3f} | "
-            f"{row['tokens_per_s']:.0f} | {row['gflops']:.0f} | {row['gflop_per_s']:.1f} | "
-            f"{row['peak_memory_gb']:.2f} |"
+            f"| {row['dtype']} | {row['length']} | {row['pass']} | {row['method']} | {row['median_s']:.4f} | "
+            f"{row.get('first_call_s', float('nan')):.4f} | {row['tokens_per_s']:.0f} | "
+            f"{row.get('gpairs_per_s', float('nan')):.1f} | {row['gflop_per_s']:.1f} | {row['peak_memory_gb']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -332,7 +365,9 @@ def plot(rows: list[dict], path: Path, setup: dict) -> None:
     dtypes = sorted({row["dtype"] for row in rows})
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
     for ax, dtype in zip(axes[0], dtypes, strict=True):
-        for method, color in (("dilated", "tab:blue"), ("dense", "tab:red")):
+        colors = {"triton": "tab:green", "sdpa": "tab:blue", "dense": "tab:red", "eager": "tab:gray"}
+        for method in sorted({r["method"] for r in rows}):
+            color = colors.get(method, "tab:purple")
             for pass_, style in (("forward", "--"), ("forward+backward", "-")):
                 points = [
                     (r["length"], r["median_s"])

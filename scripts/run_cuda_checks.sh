@@ -1,78 +1,136 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, as one run on a lent machine (see docs/benchmarks/attention_cuda.md):
-# the kernel tests (their CUDA cases run only there), the CUDA attention benchmark, and a profile of
-# dilated attention at 32K. Writes everything under $OUT (default outputs/cuda).
+# The checks that need a GPU, as one run of at most about 6 minutes on a lent machine: the kernel tests
+# (their CUDA and compiled-Triton cases run only there), a sweep of the Triton kernels' launch settings,
+# the attention benchmark (triton and sdpa paths against dense flash, same process, with the settings
+# the sweep chose), the model benchmark, and a profile at 32K. Writes everything under $OUT (default
+# outputs/cuda): checks.log (machine, tests, sweep, benchmark lines, profile) and the benchmarks'
+# attention_cuda.{json,md,png}, attention_cuda_d128.md and model_cuda.{json,md,png}, at most 8 files
+# (what a lent machine sends back); docs/benchmarks/ holds the committed copies.
 #   bash scripts/run_cuda_checks.sh
 # A newer transformers than the machine has can travel as a wheel in .whl/ (installed to /tmp/site).
 set -uo pipefail
 OUT=${OUT:-outputs/cuda}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 MALLOC_MMAP_THRESHOLD_=65536
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD
 fi
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'transformers', transformers.__version__)"
-} 2>&1 | tee "$OUT/machine.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_dilated_attention.py 2>&1 | tee "$OUT/tests.log"
-timeout 240 python3 scripts/benchmark_attention.py --device cuda --out "$OUT/attention_cuda" 2>&1 | tee "$OUT/benchmark.log"
-timeout 150 python3 - <<'PY' 2>&1 | tee "$OUT/profile.txt"
-# Packed variable-length flash call (the default for bf16) against the strided path (one flash call per
-# branch and head residue, the method before it), same process; then a profile of the packed one at 32K.
-import importlib
-import statistics
+    python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/checks.log"
+timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_dilated_attention.py 2>&1 | tail -40 | tee -a "$OUT/checks.log"
 
+timeout 260 python3 - "$OUT" <<'PY' 2>&1 | tee -a "$OUT/checks.log"
+# Sweep the Triton launch settings (bf16, H = 12, the paper's branches, 32K and 128K), keep the fastest,
+# then run the attention benchmark in this process with them.
+import json
+import shutil
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, "scripts")
+import benchmark_attention
+
+from longnet import dilated_attention
+from longnet import dilated_attention_triton as triton_path
+
+out_dir = sys.argv[1]
+segments, rates = benchmark_attention.PAPER_SEGMENTS, benchmark_attention.PAPER_RATES
+
+
+def median_ms(length, head_dim, backward, runs=7):
+    q, k, v = (
+        torch.randn(1, 12, length, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+        for _ in range(3)
+    )
+    times = []
+    for i in range(runs + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = dilated_attention(q, k, v, segments, rates, backend="triton")
+        if backward:
+            out.backward(torch.ones_like(out))
+        end.record()
+        torch.cuda.synchronize()
+        if i:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+OPTIONS = {  # (key block, warps, stages); (query block, key block, warps, stages)
+    64: (
+        [(64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 4, 3), (128, 8, 3), (128, 8, 2)],
+        [(32, 32, 4, 3), (32, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 8, 3)],
+    ),
+    128: ([(64, 8, 3), (64, 8, 2), (128, 8, 2)], [(32, 32, 8, 3), (32, 32, 8, 2), (64, 64, 8, 2)]),
+}
+deadline = time.time() + 110  # the sweep's share of the run; options past it are not tried
+sweep = {}
+for head_dim, (forward_options, backward_options) in OPTIONS.items():
+    results = {"forward": {}, "backward": {}}
+    for option in forward_options:
+        if time.time() > deadline and results["forward"]:
+            break
+        triton_path.FORWARD_CONFIGS[head_dim] = option
+        try:
+            results["forward"][str(option)] = sum(median_ms(n, head_dim, False) for n in (32768, 131072))
+        except Exception as error:  # a setting that does not compile (resources) is dropped
+            print(f"D={head_dim} forward {option} failed: {str(error)[:300]}", flush=True)
+    best_forward = min(forward_options, key=lambda o: results["forward"].get(str(o), float("inf")))
+    triton_path.FORWARD_CONFIGS[head_dim] = best_forward
+    for option in backward_options:
+        if time.time() > deadline and results["backward"]:
+            break
+        triton_path.BACKWARD_CONFIGS[head_dim] = option
+        try:
+            results["backward"][str(option)] = sum(median_ms(n, head_dim, True) for n in (32768, 131072))
+        except Exception as error:
+            print(f"D={head_dim} backward {option} failed: {str(error)[:300]}", flush=True)
+    best_backward = min(backward_options, key=lambda o: results["backward"].get(str(o), float("inf")))
+    triton_path.BACKWARD_CONFIGS[head_dim] = best_backward
+    sweep[head_dim] = {"results": results, "forward": best_forward, "backward": best_backward}
+    print(f"D={head_dim}: forward {best_forward}, backward {best_backward}", json.dumps(results, indent=1), flush=True)
+
+lengths = [1 << p for p in (13, 14, 15, 16, 17, 18, 20, 22)]
+sys.argv = ["benchmark_attention.py", "--device", "cuda", "--lengths", *map(str, lengths)]
+sys.argv += ["--out", f"{out_dir}/attention_cuda"]
+benchmark_attention.main()
+sys.argv = ["benchmark_attention.py", "--device", "cuda", "--head_dim", "128", "--lengths", "32768", "131072",
+            "--out", "/tmp/attention_cuda_d128"]
+benchmark_attention.main()
+shutil.copy("/tmp/attention_cuda_d128.md", out_dir)
+PY
+
+timeout 75 python3 scripts/benchmark_model.py --device cuda --train_lengths 32768 131072 --repeats 5 \
+    --generation_contexts 4096 65536 --max_step_seconds 5 --out "$OUT/model_cuda" 2>&1 | tee -a "$OUT/checks.log"
+
+timeout 30 python3 - <<'PY' 2>&1 | tee -a "$OUT/checks.log"
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from longnet import dilated_attention
 
-module = importlib.import_module("longnet.dilated_attention")
-segments, rates = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12]
+q, k, v = (torch.randn(1, 12, 32768, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
 
 
-def step(q, k, v):
-    out = dilated_attention(q, k, v, segments, rates, is_causal=True)
+def step():
+    out = dilated_attention(q, k, v, [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12])
     out.backward(torch.ones_like(out))
 
 
-def median_ms(length, runs=15):
-    q, k, v = (
-        torch.randn(1, 12, length, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
-    )
-    for _ in range(3):
-        step(q, k, v)
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(q, k, v)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-lengths = [32768, 131072, 1048576]
-packed = {n: median_ms(n) for n in lengths}
-use_packed = module._use_packed
-module._use_packed = lambda query, backend: False
-strided = {n: median_ms(n) for n in lengths}
-module._use_packed = use_packed
-print("bf16, H=12, D=64, forward+backward, median ms of 15")
-print("| N | packed ms | strided ms | strided / packed |")
-for n in lengths:
-    print(f"| {n} | {packed[n]:.2f} | {strided[n]:.2f} | {strided[n] / packed[n]:.2f} |")
-
-q, k, v = (torch.randn(1, 12, 32768, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+for _ in range(3):
+    step()
 torch.cuda.synchronize()
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     for _ in range(5):
-        step(q, k, v)
+        step()
     torch.cuda.synchronize()
-print("dilated attention (packed), bf16, 32K, H=12, D=64, 5 x forward+backward")
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+print("dilated attention (auto: triton), bf16, 32K, H=12, D=64, 5 x forward+backward")
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
 PY

@@ -34,7 +34,7 @@ def test_benchmark_attention_smoke(tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     methods = {(row["length"], row["method"], row["pass"]) for row in result["rows"]}
     assert methods == {
-        (n, m, p) for n in (256, 512) for m in ("dilated", "dense") for p in ("forward", "forward+backward")
+        (n, m, p) for n in (256, 512) for m in ("sdpa", "dense") for p in ("forward", "forward+backward")
     }
     assert out.with_suffix(".png").stat().st_size > 0
     assert "| float32 | 512 |" in out.with_suffix(".md").read_text()

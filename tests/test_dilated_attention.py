@@ -1,6 +1,9 @@
-"""dilated_attention against a dense N x N reference written from DESIGN.md section 1."""
+"""dilated_attention against a dense N x N reference written from DESIGN.md section 1.
 
-import importlib
+Every path runs here: eager and sdpa on CPU tensors, triton under Triton's interpreter (the test run
+sets TRITON_INTERPRET=1 on machines without CUDA, tests/conftest.py), and on a GPU the sdpa and triton
+paths on CUDA tensors.
+"""
 
 import pytest
 import torch
@@ -8,12 +11,18 @@ import torch.nn.functional as F
 from dense_reference import reference_attention
 
 from longnet import dilated_attention
+from longnet import dilated_attention_triton as triton_path
+from longnet.dilated_attention import choose_backend
 
-BACKENDS = ["eager", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def device_of(backend: str) -> str:
-    return "cuda" if backend == "cuda" else "cpu"
+# (backend, device) pairs that run on this machine.
+PATHS = [("eager", "cpu"), ("sdpa", "cpu")]
+if triton_path.INTERPRETED:
+    PATHS.append(("triton", "cpu"))
+if torch.cuda.is_available():
+    PATHS += [("sdpa", "cuda")] + (
+        [("triton", "cuda")] if triton_path.AVAILABLE and not triton_path.INTERPRETED else []
+    )
+PATH_IDS = [f"{backend}-{device}" for backend, device in PATHS]
 
 
 def make_inputs(batch, heads, kv_heads, q_len, k_len, head_dim, dtype, device="cpu", seed=0):
@@ -38,14 +47,24 @@ CASES = {
     "kv-cache-query-spans-segments": (1, 3, 3, 21, 50, [(8, 2), (12, 3)]),
     "single-uncovering-branch": (1, 4, 4, 24, 24, [(8, 2)]),
 }
+EQUAL_LENGTH_CASES = [name for name, case in CASES.items() if case[3] == case[4]]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def path_cases(cases):
+    """``(backend, device, case)`` for every path that takes the case (triton: equal lengths only)."""
+    return [
+        pytest.param(backend, device, case, id=f"{backend}-{device}-{case}")
+        for backend, device in PATHS
+        for case in cases
+        if backend != "triton" or case in EQUAL_LENGTH_CASES
+    ]
+
+
+@pytest.mark.parametrize("backend, device, case", path_cases(CASES))
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_matches_dense_reference_fp32(backend, is_causal, case):
+def test_matches_dense_reference_fp32(backend, device, case, is_causal):
     batch, heads, kv_heads, q_len, k_len, branches = CASES[case]
-    q, k, v = make_inputs(batch, heads, kv_heads, q_len, k_len, 16, torch.float32, device_of(backend))
+    q, k, v = make_inputs(batch, heads, kv_heads, q_len, k_len, 16, torch.float32, device)
     segments, rates = zip(*branches, strict=True)
     out, lse = dilated_attention(q, k, v, segments, rates, is_causal=is_causal, backend=backend, return_lse=True)
     ref_out, ref_lse = reference_attention(q, k, v, branches, is_causal)
@@ -64,11 +83,18 @@ def test_matches_dense_reference_fp32(backend, is_causal, case):
 BF16_ATOL = 0.06
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["ragged-length", "w-not-multiple-of-r", "gqa", "kv-cache-several-queries"])
-def test_matches_dense_reference_bf16(backend, case):
+# Triton's interpreter multiplies bf16 wrongly (DESIGN.md section 6): its bf16 runs on a GPU only.
+@pytest.mark.parametrize(
+    "backend, device, case",
+    [
+        p
+        for p in path_cases(["ragged-length", "w-not-multiple-of-r", "gqa", "kv-cache-several-queries"])
+        if p.values[:2] != ("triton", "cpu")
+    ],
+)
+def test_matches_dense_reference_bf16(backend, device, case):
     batch, heads, kv_heads, q_len, k_len, branches = CASES[case]
-    q, k, v = make_inputs(batch, heads, kv_heads, q_len, k_len, 16, torch.bfloat16, device_of(backend))
+    q, k, v = make_inputs(batch, heads, kv_heads, q_len, k_len, 16, torch.bfloat16, device)
     segments, rates = zip(*branches, strict=True)
     out, lse = dilated_attention(q, k, v, segments, rates, backend=backend, return_lse=True)
     ref_out, ref_lse = reference_attention(q, k, v, branches, True)
@@ -80,12 +106,11 @@ def test_matches_dense_reference_bf16(backend, case):
     torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=0.03, rtol=0)
 
 
-def fp64_backends():
-    # CUDA's memory-efficient kernel has no float64; it is checked in float32 below.
-    return [b for b in BACKENDS if b != "cuda"]
+# The paths that take float64 (CUDA's memory-efficient kernel and Triton do not; checked in float32).
+FP64_BACKENDS = ["eager", "sdpa"]
 
 
-@pytest.mark.parametrize("backend", fp64_backends())
+@pytest.mark.parametrize("backend", FP64_BACKENDS)
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize(
     "case",
@@ -111,42 +136,57 @@ def test_cuda_gradients_match_reference_fp32():
     grad_out = torch.randn(batch, heads, q_len, 16, device="cuda")
     for is_causal in (True, False):
         grads = torch.autograd.grad(
-            dilated_attention(*inputs, segments, rates, is_causal=is_causal, backend="cuda"), inputs, grad_out
+            dilated_attention(*inputs, segments, rates, is_causal=is_causal, backend="sdpa"), inputs, grad_out
         )
         ref_grads = torch.autograd.grad(reference_attention(*inputs, branches, is_causal)[0], inputs, grad_out.double())
         for grad, ref_grad in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(grad.double(), ref_grad.double(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# Triton: every case of the contract, outputs, log-sum-exp and gradients against the reference. On
+# CPU through the interpreter in float32 and float16 (its bf16 products are wrong), on a GPU in bfloat16
+# and float16. "long" has several 128-row tiles per segment, so whole (unmasked) and diagonal blocks.
+TRITON_CASES = {name: CASES[name] for name in EQUAL_LENGTH_CASES} | {"long": (1, 2, 1, 300, 300, [(256, 1), (512, 2)])}
+TRITON_DTYPES = [torch.float32, torch.float16] if triton_path.INTERPRETED else [torch.bfloat16, torch.float16]
+TRITON_DEVICE = "cpu" if triton_path.INTERPRETED else "cuda"
+
+
+@pytest.mark.skipif(not any(b == "triton" for b, _ in PATHS), reason="needs triton (and CUDA or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize(
-    "branches, length, max_elements",
-    [
-        ([(64, 1), (128, 2), (256, 4)], 512, 1 << 27),
-        ([(64, 1), (128, 2), (256, 4)], 512, 1),  # one flash call per 256 positions
-        ([(64, 1), (96, 6), (256, 12)], 500, 1 << 27),  # sequences of unequal lengths, a ragged end
-    ],
-    ids=["whole-segments", "windows", "ragged"],
-)
-def test_cuda_bf16_flash_gradients_match_reference(monkeypatch, is_causal, branches, length, max_elements):
-    # bf16 takes the packed variable-length flash call; the reference gets the same bf16-rounded
-    # inputs in float64. bf16 rounding of probabilities and outputs bounds the relative error of
-    # each gradient at a few 2**-8 steps.
-    monkeypatch.setattr(importlib.import_module("longnet.dilated_attention"), "MAX_PACKED_ELEMENTS", max_elements)
-    inputs = [x.requires_grad_() for x in make_inputs(2, 8, 2, length, length, 64, torch.bfloat16, "cuda")]
-    grad_out = torch.randn(2, 8, length, 64, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("case", list(TRITON_CASES))
+def test_triton_matches_reference(case, is_causal, dtype):
+    batch, heads, kv_heads, length, _, branches = TRITON_CASES[case]
+    head_dim = 32 if case == "long" else 16
+    inputs = make_inputs(batch, heads, kv_heads, length, length, head_dim, dtype, TRITON_DEVICE)
+    if case in ("gqa", "ragged-length", "long"):  # the model's (B, L, H, D) storage, read in place
+        inputs = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs]
+    inputs = [x.requires_grad_() for x in inputs]
     segments, rates = zip(*branches, strict=True)
-    grads = torch.autograd.grad(
-        dilated_attention(*inputs, segments, rates, is_causal=is_causal, backend="cuda"), inputs, grad_out
+    out, lse = dilated_attention(*inputs, segments, rates, is_causal=is_causal, backend="triton", return_lse=True)
+    ref_out, ref_lse = reference_attention(*inputs, branches, is_causal)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    # float32: exact products; half precision: probabilities and outputs rounded to 8 or 11 bits
+    # (BF16_ATOL's argument; float16 has 8x finer steps).
+    atol = {torch.float32: 1e-5, torch.float16: BF16_ATOL / 8, torch.bfloat16: BF16_ATOL}[dtype]
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=0)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(
+        lse.double()[finite], ref_lse[finite], atol=1e-5 if dtype == torch.float32 else 0.03, rtol=0
     )
-    ref_grads = torch.autograd.grad(reference_attention(*inputs, branches, is_causal)[0], inputs, grad_out.double())
+    grad_out = torch.randn(batch, length, heads, head_dim, dtype=torch.float64).transpose(1, 2).to(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_grads = torch.autograd.grad(ref_out, inputs, grad_out.double())
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
-        assert grad.dtype == torch.bfloat16
-        assert (grad.double() - ref_grad).norm() / ref_grad.norm() < 0.02
+        assert grad.dtype == dtype and grad.shape == ref_grad.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(grad.double(), ref_grad.double(), atol=1e-4, rtol=0)
+        else:  # rounding of probabilities and products bounds the relative error at a few 2**-8 steps
+            assert (grad.double() - ref_grad.double()).norm() / ref_grad.double().norm() < 0.02
 
 
-@pytest.mark.parametrize("backend", fp64_backends())
+@pytest.mark.parametrize("backend", FP64_BACKENDS)
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
 def test_gradcheck(backend, is_causal):
     inputs = [x.requires_grad_() for x in make_inputs(1, 3, 1, 5, 11, 4, torch.float64)]
@@ -156,7 +196,7 @@ def test_gradcheck(backend, is_causal):
     )
 
 
-@pytest.mark.parametrize("backend", fp64_backends())
+@pytest.mark.parametrize("backend", FP64_BACKENDS)
 def test_gradient_flows_through_mixing_weights(backend):
     """Gradients that treat the mixing weights S_i / sum S_j as constants differ from the true ones.
 
@@ -183,11 +223,14 @@ def test_gradient_flows_through_mixing_weights(backend):
         torch.testing.assert_close(grad, ref_grad, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "backend, device, q_len",
+    [(b, d, n) for b, d in PATHS for n in (37, 5) if b != "triton" or n == 37],  # triton: no KV cache
+    ids=str,
+)
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("q_len", [37, 5])
-def test_one_dense_branch_equals_sdpa(backend, is_causal, q_len):
-    q, k, v = make_inputs(2, 4, 4, q_len, 37, 16, torch.float32, device_of(backend))
+def test_one_dense_branch_equals_sdpa(backend, device, is_causal, q_len):
+    q, k, v = make_inputs(2, 4, 4, q_len, 37, 16, torch.float32, device)
     # The queries are the last q_len positions; SDPA's own is_causal aligns them top-left instead.
     t = torch.arange(37 - q_len, 37, device=q.device)
     mask = (torch.arange(37, device=q.device) <= t[:, None]) if is_causal else None
@@ -197,10 +240,10 @@ def test_one_dense_branch_equals_sdpa(backend, is_causal, q_len):
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_changing_a_key_never_changes_earlier_outputs(backend):
+@pytest.mark.parametrize("backend, device", PATHS, ids=PATH_IDS)
+def test_changing_a_key_never_changes_earlier_outputs(backend, device):
     branches = ([8, 16, 32], [1, 2, 4])
-    q, k, v = make_inputs(1, 4, 2, 48, 48, 8, torch.float32, device_of(backend))
+    q, k, v = make_inputs(1, 4, 2, 48, 48, 16, torch.float32, device)
     base = dilated_attention(q, k, v, *branches, backend=backend)
     for t in (0, 13, 31, 47):
         k2, v2 = k.clone(), v.clone()
@@ -216,7 +259,7 @@ def test_long_sequence_without_quadratic_memory():
     n = 1 << 18
     segments, rates = [1024, 4096, 16384], [1, 4, 16]
     q, k, v = [x.requires_grad_() for x in make_inputs(1, 2, 1, n, n, 16, torch.float32)]
-    out = dilated_attention(q, k, v, segments, rates, backend="cpu")
+    out = dilated_attention(q, k, v, segments, rates, backend="sdpa")
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(k.grad).all()
     # Segments never cross a multiple of every w, so the last 16384 positions are an independent
@@ -228,18 +271,18 @@ def test_long_sequence_without_quadratic_memory():
 
 @pytest.mark.parametrize("q_len", [100, 60], ids=["strided", "gathered"])
 def test_chunked_calls_match_one_call(monkeypatch, q_len):
-    """Long inputs are cut into several kernel calls per branch (whole sequences on the strided
-    path, queries against a longer cache on the gathering one); the result must not change."""
-    module = importlib.import_module("longnet.dilated_attention")
+    """Long inputs are cut into several kernel calls per branch on the sdpa path (whole sequences when
+    lengths are equal, gathered copies against a longer cache); the result must not change."""
+    import longnet.dilated_attention_sdpa as module
 
     branches = ([8, 16, 64], [1, 2, 6])
     inputs = [x.requires_grad_() for x in make_inputs(2, 4, 2, q_len, 100, 8, torch.float64)]
     grad_out = torch.randn(2, 4, q_len, 8, dtype=torch.float64)
     for is_causal in (True, False):
-        whole = dilated_attention(*inputs, *branches, is_causal=is_causal, backend="cpu")
+        whole = dilated_attention(*inputs, *branches, is_causal=is_causal, backend="sdpa")
         whole_grads = torch.autograd.grad(whole, inputs, grad_out)
         monkeypatch.setattr(module, "MAX_SLOTS_PER_CALL", 40)
-        chunked = dilated_attention(*inputs, *branches, is_causal=is_causal, backend="cpu")
+        chunked = dilated_attention(*inputs, *branches, is_causal=is_causal, backend="sdpa")
         chunked_grads = torch.autograd.grad(chunked, inputs, grad_out)
         monkeypatch.undo()
         torch.testing.assert_close(chunked, whole, atol=1e-12, rtol=0)
@@ -247,96 +290,19 @@ def test_chunked_calls_match_one_call(monkeypatch, q_len):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-def _sequence_scores(q, k, start, end, is_causal, scale):
-    scores = q[start:end, 0].double() @ k[start:end, 0].double().T * scale
-    if is_causal:
-        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
-    return scores
-
-
-def reference_varlen_forward(q, k, v, cu_seqlens, max_len, is_causal, scale):
-    """The flash kernel's variable-length forward written out per packed sequence, in float64."""
-    outs, lses = [], []
-    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
-        scores = _sequence_scores(q, k, start, end, is_causal, scale)
-        lses.append(torch.logsumexp(scores, -1))
-        outs.append(torch.exp(scores - lses[-1][:, None]) @ v[start:end, 0].double())
-    return torch.cat(outs).unsqueeze(1).to(q.dtype), torch.cat(lses)
-
-
-def reference_varlen_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_len, is_causal, scale):
-    """The flash kernel's variable-length backward per packed sequence (softmax gradient against the
-    given ``out`` and ``lse``), in float64."""
-    grads = [torch.zeros_like(x, dtype=torch.float64) for x in (q, k, v)]
-    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
-        rows = slice(start, end)
-        q_s, k_s, v_s, out_s, grad_s = (x[rows, 0].double() for x in (q, k, v, out, grad_out))
-        probs = torch.exp(_sequence_scores(q, k, start, end, is_causal, scale) - lse[rows, None].double())
-        grad_scores = probs * (grad_s @ v_s.T - (grad_s * out_s).sum(-1, keepdim=True))
-        grads[0][rows, 0] = grad_scores @ k_s * scale
-        grads[1][rows, 0] = grad_scores.T @ q_s * scale
-        grads[2][rows, 0] = probs.T @ grad_s
-    return tuple(g.to(q.dtype) for g in grads)
-
-
-@pytest.mark.parametrize("layout", ["bhld", "blhd"])
-@pytest.mark.parametrize("max_elements", [1 << 27, 64], ids=["one-call", "windows"])
-@pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize(
-    "case",
-    [
-        "ragged-length",
-        "segment-longer-than-sequence",
-        "w-not-multiple-of-r",
-        "r-greater-than-heads",
-        "gqa",
-        "mqa",
-        "single-uncovering-branch",
-    ],
-)
-def test_packed_path_matches_reference(monkeypatch, case, is_causal, max_elements, layout):
-    """On CUDA, half-precision inputs go through one variable-length flash call over every branch's
-    packed sequences. Here that call is a per-sequence float64 stand-in, so the packing, the merge by
-    log-sum-exp and the gradient scatter are checked on any machine (windows: several calls; blhd:
-    the model's (B, L, H, D) storage read in place)."""
-    module = importlib.import_module("longnet.dilated_attention")
-    monkeypatch.setattr(module, "_use_packed", lambda query, backend: True)
-    monkeypatch.setattr(module, "_flash_varlen_forward", reference_varlen_forward)
-    monkeypatch.setattr(module, "_flash_varlen_backward", reference_varlen_backward)
-    monkeypatch.setattr(module, "MAX_PACKED_ELEMENTS", max_elements)
-    batch, heads, kv_heads, length, _, branches = CASES[case]
-    inputs = make_inputs(batch, heads, kv_heads, length, length, 8, torch.float64)
-    if layout == "blhd":
-        inputs = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in inputs]
-    inputs = [x.requires_grad_() for x in inputs]
-    out, lse = module._DilatedAttentionFunction.apply(*inputs, branches, is_causal, 8**-0.5, "cuda")
-    ref_out, ref_lse = reference_attention(*inputs, branches, is_causal)
-    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=0)
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-10, rtol=0)
-    grad_out = torch.randn(batch, length, heads, 8, dtype=torch.float64).transpose(1, 2)
-    grads = torch.autograd.grad(out, inputs, grad_out)
-    ref_grads = torch.autograd.grad(ref_out, inputs, grad_out)
-    for grad, ref_grad in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(grad, ref_grad, atol=1e-10, rtol=0)
-
-
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize(
     "case",
     ["kv-cache-one-query", "kv-cache-one-query-mha", "kv-cache-several-queries", "kv-cache-query-spans-segments"],
 )
-@pytest.mark.parametrize("gather_max_queries", [0, 64], ids=["segments", "gathered"])
-def test_both_kv_cache_paths_match_reference(monkeypatch, gather_max_queries, case, is_causal):
-    """A few queries against a cache go through the gathered (decoding) path, more through the segment
-    path; both must equal the reference, outputs and gradients."""
-    module = importlib.import_module("longnet.dilated_attention")
-    monkeypatch.setattr(module, "GATHER_MAX_QUERIES", gather_max_queries)
+@pytest.mark.parametrize("backend", ["sdpa", "gathered"])
+def test_both_kv_cache_paths_match_reference(backend, case, is_causal):
+    """A few queries against a cache go through the gathered (decoding) path, more through the sdpa
+    path's gathered segments; both must equal the reference, outputs and gradients."""
     batch, heads, kv_heads, q_len, k_len, branches = CASES[case]
     inputs = [x.requires_grad_() for x in make_inputs(batch, heads, kv_heads, q_len, k_len, 8, torch.float64)]
     segments, rates = zip(*branches, strict=True)
-    out, lse = dilated_attention(*inputs, segments, rates, is_causal=is_causal, backend="cpu", return_lse=True)
+    out, lse = dilated_attention(*inputs, segments, rates, is_causal=is_causal, backend=backend, return_lse=True)
     ref_out, ref_lse = reference_attention(*inputs, branches, is_causal)
     torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=0)
     finite = torch.isfinite(ref_lse)
@@ -349,15 +315,26 @@ def test_both_kv_cache_paths_match_reference(monkeypatch, gather_max_queries, ca
         torch.testing.assert_close(grad, ref_grad, atol=1e-10, rtol=0)
 
 
-def test_auto_backend_on_cpu_is_fused(monkeypatch):
-    module = importlib.import_module("longnet.dilated_attention")
+def test_auto_backend_choice():
+    """What ``backend="auto"`` takes (the reasons are in ``choose_backend``'s docstring)."""
+    q, k, v = make_inputs(1, 4, 2, 8, 64, 16, torch.float32)
+    assert choose_backend(q, k) == "gathered"  # 8 queries against 64 cached keys
+    assert choose_backend(k, k) == "sdpa"  # CPU tensors
+    assert choose_backend(k.to("meta"), k.to("meta")) == "eager"
+    if torch.cuda.is_available():
+        half = k.to("cuda", torch.bfloat16)
+        expected = "triton" if triton_path.unsupported_reason(half, half) is None else "sdpa"
+        assert choose_backend(half, half) == expected
+        assert choose_backend(k.cuda(), k.cuda()) == "sdpa"  # float32
 
-    q, k, v = make_inputs(1, 2, 2, 16, 16, 8, torch.float32)
-    calls = []
-    forward, backward = module._KERNELS["cpu"]
-    monkeypatch.setitem(module._KERNELS, "cpu", (lambda *a: calls.append(1) or forward(*a), backward))
-    dilated_attention(q, k, v, [8], [2])
-    assert calls
+
+def test_triton_refuses_what_it_cannot_take():
+    q, k, v = make_inputs(1, 4, 2, 8, 64, 16, torch.float32, TRITON_DEVICE)
+    with pytest.raises(ValueError, match="backend 'triton' cannot run here: .*one length"):
+        dilated_attention(q, k, v, [4], [1], backend="triton")
+    q, k, v = make_inputs(1, 4, 2, 8, 8, 24, torch.float32, TRITON_DEVICE)
+    with pytest.raises(ValueError, match="head sizes"):
+        dilated_attention(q, k, v, [4], [1], backend="triton")
 
 
 @pytest.mark.parametrize(
@@ -400,6 +377,32 @@ def test_bad_tensors_raise():
             dilated_attention(*args, [4], [1])
     with pytest.raises(ValueError, match="unknown backend 'flash'"):
         dilated_attention(q, k, v, [4], [1], backend="flash")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="backend 'cuda' needs cuda tensors"):
-            dilated_attention(q, k, v, [4], [1], backend="cuda")
+    with pytest.raises(ValueError, match="backend 'sdpa' needs CPU or CUDA tensors"):
+        dilated_attention(q.to("meta"), k.to("meta"), v.to("meta"), [4], [1], backend="sdpa")
+    with pytest.raises(ValueError, match="backend 'gathered' takes at most 32 queries"):
+        dilated_attention(*make_inputs(1, 2, 2, 40, 40, 4, torch.float32), [4], [1], backend="gathered")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"scale": 0.0}, "scale must be a positive finite number"),
+        ({"scale": -1.0}, "scale must be a positive finite number"),
+        ({"scale": float("nan")}, "scale must be a positive finite number"),
+        ({"scale": float("inf")}, "scale must be a positive finite number"),
+        ({"scale": "0.5"}, "scale must be a positive finite number"),
+        ({"is_causal": 1}, "is_causal must be a bool"),
+        ({"is_causal": None}, "is_causal must be a bool"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_bad_arguments_raise(backend, kwargs, message):
+    q, k, v = make_inputs(1, 2, 2, 8, 8, 4, torch.float32)
+    with pytest.raises(ValueError, match=message):
+        dilated_attention(q, k, v, [4], [1], backend=backend, **kwargs)
+
+
+def test_absurd_segment_length_raises_before_allocating():
+    q, k, v = make_inputs(1, 2, 2, 8, 8, 4, torch.float32)
+    with pytest.raises(ValueError, match="segment_lengths must hold integers below 2\\*\\*31"):
+        dilated_attention(q, k, v, [2**40], [1])
