@@ -3,10 +3,13 @@
     python scripts/convert_llama_to_longnet.py SRC DST --segment_lengths 2048 4096 --dilation_rates 1 2
 
 Weights are streamed one source shard at a time into safetensors shards of the same grouping, so
-memory stays near one shard. The tokenizer and generation config are copied, the remote-code files
-and auto_map are written, and a model card is filled in. What LongNet cannot express (Mistral's
-and Qwen2's sliding window) is dropped and said so. Weights are read only from safetensors unless
---allow_pytorch_bin is given.
+memory stays near one shard. The source config is read as transformers reads it (AutoConfig: the 4.x
+`rope_theta` + `rope_scaling` format and the 5.x `rope_parameters` both end up in `rope_parameters`,
+so llama3 / yarn / linear / dynamic RoPE scaling carries over) and every field LongNet has is taken
+over. The tokenizer and generation config are copied, the remote-code files and auto_map are
+written, and a model card is filled in. What LongNet cannot express (Mistral's and Qwen2's sliding
+window, any field it does not know) is dropped and said so. Weights are read only from safetensors
+unless --allow_pytorch_bin is given.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoConfig, PreTrainedConfig
 
 import longnet
 from longnet import LongNetConfig
@@ -28,28 +32,10 @@ from longnet.modeling_longnet import AUTO_MAP
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-# LongNetConfig fields taken over unchanged (Llama's names).
-SHARED_FIELDS = [
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "use_cache",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-    "tie_word_embeddings",
-    "rope_parameters",
-    "attention_bias",
-    "mlp_bias",
-]
+# Source config entries that describe the file, not the model: LongNet writes its own.
+NOT_CARRIED = {"_name_or_path", "architectures", "auto_map", "model_type", "transformers_version"}
+# Source-only entries handled in convert_config, or without effect in transformers 5 (pretraining_tp).
+SOURCE_ONLY = {"pretraining_tp", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types"}
 TOKENIZER_FILES = [
     "tokenizer.json",
     "tokenizer_config.json",
@@ -69,30 +55,38 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def convert_config(source_config: dict, segment_lengths: list[int], dilation_rates: list[int]):
-    """LongNetConfig for a source config.json, and what could not be carried over."""
-    architectures = source_config.get("architectures") or []
-    model_type = source_config.get("model_type")
-    if not architectures and model_type in SUPPORTED.values():
-        architectures = [name for name, kind in SUPPORTED.items() if kind == model_type]
+def convert_config(source_config: PreTrainedConfig, segment_lengths: list[int], dilation_rates: list[int]):
+    """LongNetConfig for a source config as transformers loaded it, and what could not be carried over.
+
+    Every entry LongNetConfig has is taken over as it is (rope_parameters with its scaling, dtype, token
+    ids, ...); any other entry that changes the model is reported as dropped, never silently lost."""
+    architectures = source_config.architectures or [
+        name for name, kind in SUPPORTED.items() if kind == source_config.model_type
+    ]
     if len(architectures) != 1 or architectures[0] not in SUPPORTED:
-        fail(f"architecture {architectures or model_type} is not supported; supported: {', '.join(SUPPORTED)}")
-    fields = {name: source_config[name] for name in SHARED_FIELDS if source_config.get(name) is not None}
-    if "rope_parameters" not in fields and "rope_theta" in source_config:
-        fields["rope_parameters"] = {"rope_type": "default", "rope_theta": source_config["rope_theta"]}
-    dropped = []
+        fail(
+            f"architecture {architectures or source_config.model_type} is not supported; "
+            f"supported: {', '.join(SUPPORTED)}"
+        )
     model_type = SUPPORTED[architectures[0]]
+    values = source_config.to_dict()
+    known = set(LongNetConfig().to_dict())
+    fields = {name: value for name, value in values.items() if name in known and name not in NOT_CARRIED}
+    dropped = [f"{name}={value!r}" for name, value in values.items() if name not in known | NOT_CARRIED | SOURCE_ONLY]
     if model_type == "qwen2":
         # Qwen2 has biases on q/k/v but not on o_proj; LongNet's attention_bias covers all four, so
         # o_proj gets a zero bias (the same function).
         fields["attention_bias"] = True
-        if source_config.get("use_sliding_window"):
-            dropped.append(f"sliding_window={source_config.get('sliding_window')} (use_sliding_window=True)")
-    if model_type == "mistral" and source_config.get("sliding_window") is not None:
-        dropped.append(f"sliding_window={source_config['sliding_window']}")
-    if source_config.get("attention_dropout"):
-        dropped.append(f"attention_dropout={source_config['attention_dropout']}")
-    config = LongNetConfig(**fields, segment_lengths=segment_lengths, dilation_rates=dilation_rates)
+        if values.get("use_sliding_window"):
+            dropped.append(f"sliding_window={values.get('sliding_window')} (use_sliding_window=True)")
+    if model_type == "mistral" and values.get("sliding_window") is not None:
+        dropped.append(f"sliding_window={values['sliding_window']}")
+    if fields.pop("attention_dropout", 0):
+        dropped.append(f"attention_dropout={values['attention_dropout']}")
+    try:
+        config = LongNetConfig(**fields, segment_lengths=segment_lengths, dilation_rates=dilation_rates)
+    except ValueError as error:
+        fail(str(error))
     config.architectures = ["LongNetForCausalLM"]
     config.auto_map = dict(AUTO_MAP)
     return config, model_type, dropped
@@ -124,9 +118,11 @@ def convert(args: argparse.Namespace) -> None:
         fail(f"{source} has no config.json: it is not a transformers checkpoint folder")
     if destination.exists() and any(destination.iterdir()):
         fail(f"{destination} exists and is not empty")
-    config, model_type, dropped = convert_config(
-        json.loads((source / "config.json").read_text()), args.segment_lengths, args.dilation_rates
-    )
+    try:
+        source_config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        fail(f"{source / 'config.json'} does not load as a transformers config: {error}")
+    config, model_type, dropped = convert_config(source_config, args.segment_lengths, args.dilation_rates)
     shards = source_shards(source, args.allow_pytorch_bin)
     destination.mkdir(parents=True, exist_ok=True)
 
@@ -167,6 +163,7 @@ def convert(args: argparse.Namespace) -> None:
     (destination / "training_info.json").write_text(json.dumps(info, indent=1))
     (destination / "README.md").write_text(render_model_card(ROOT / "model_cards" / "longnet.md", destination))
     print(f"converted {model_type} {source} -> {destination} ({len(weight_map)} tensors, {len(shards)} shard(s))")
+    print(f"rope_parameters: {config.rope_parameters}")
     print("dropped: " + (", ".join(dropped) if dropped else "nothing"))
 
 

@@ -98,6 +98,67 @@ def test_dilated_conversion_matches_the_source_with_longnet_attention(kind, tmp_
     assert generated.shape == (1, 15)
 
 
+# RoPE scaling as most Hub checkpoints still write it: the transformers 4.x format, rope_theta beside
+# rope_scaling, with "rope_type" or (older) "type". Short original lengths make every kind matter at
+# the test's lengths (llama3, yarn) or everywhere (linear); dynamic acts only beyond max_position_embeddings.
+ROPE_SCALINGS = {
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+    "yarn": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64},
+    "linear": {"type": "linear", "factor": 4.0},
+    "dynamic": {"type": "dynamic", "factor": 4.0},
+}
+
+
+def rope_scaled_source(folder, kind, tokenizer):
+    """A Llama checkpoint whose config.json has ``rope_theta`` and ``rope_scaling`` (transformers 4.x), and
+    the stock LlamaForCausalLM that transformers itself loads from it."""
+    source_model("llama", folder, tokenizer)
+    config = json.loads((folder / "config.json").read_text())
+    del config["rope_parameters"]
+    config.update(rope_theta=500000.0, rope_scaling=ROPE_SCALINGS[kind])
+    (folder / "config.json").write_text(json.dumps(config))
+    stock = LlamaForCausalLM.from_pretrained(folder).eval()
+    assert stock.config.rope_parameters["rope_type"] == kind
+    return stock
+
+
+@pytest.mark.parametrize("kind", list(ROPE_SCALINGS))
+def test_conversion_keeps_rope_scaling_of_a_4x_config(kind, tmp_path, tokenizer):
+    source = rope_scaled_source(tmp_path / "src", kind, tokenizer)
+    result = convert(tmp_path / "src", tmp_path / "dst", "--segment_lengths", "512", "--dilation_rates", "1")
+    assert "dropped: nothing" in result.stdout
+    written = json.loads((tmp_path / "dst" / "config.json").read_text())
+    assert written["rope_parameters"] == source.config.rope_parameters
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    x = ids(2, 60)  # within max_position_embeddings (512): dynamic scaling equals plain RoPE here
+    with torch.no_grad():
+        expected = source(x).logits
+        torch.testing.assert_close(converted(x).logits, expected, atol=1e-5, rtol=0)
+        if kind != "dynamic":  # the comparison can fail: unscaled RoPE gives other logits
+            plain = LlamaConfig(**TINY, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+            unscaled = LlamaForCausalLM(plain).eval()
+            unscaled.load_state_dict(source.state_dict())
+            assert not torch.allclose(unscaled(x).logits, expected, atol=1e-3)
+
+
+@pytest.mark.xfail(
+    strict=True, reason="issue 14: LongNetRotaryEmbedding lacks dynamic_rope_update, so dynamic RoPE never rescales"
+)
+def test_conversion_keeps_dynamic_rope_beyond_max_position_embeddings(tmp_path, tokenizer):
+    source = rope_scaled_source(tmp_path / "src", "dynamic", tokenizer)
+    convert(tmp_path / "src", tmp_path / "dst", "--segment_lengths", "1024", "--dilation_rates", "1")
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    x = ids(1, 600)  # longer than max_position_embeddings (512): the base frequency grows
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x).logits, source(x).logits, atol=1e-5, rtol=0)
+
+
 def test_sharded_source_gives_sharded_destination(tmp_path, tokenizer):
     source = source_model("llama", tmp_path / "src", tokenizer, max_shard_size="100KB")
     shards = sorted((tmp_path / "src").glob("model-*.safetensors"))
