@@ -1,11 +1,57 @@
-"""Hub helpers: fill a model card from a saved folder, and check a folder loads on its own."""
+"""Hub helpers: fill a model card from a saved folder, check a folder loads on its own, and keep
+secrets (access tokens) out of everything the scripts write or print."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import yaml
+
+REDACTED = "<redacted>"
+# Access tokens recognised by their published prefixes: Hugging Face, GitHub (classic and fine-grained).
+# The boundary is ASCII (not \b), so that a token right after a non-ASCII byte of a binary file is found.
+TOKEN_PATTERN = re.compile(
+    r"(?<![A-Za-z0-9])(?:hf_[A-Za-z0-9]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"
+)
+# Names of flags and environment variables that hold secrets: hub_token, HF_TOKEN, WANDB_API_KEY, ...
+SECRET_NAME = re.compile(r"(?:^|_)(?:token|secret|password|passwd|api_key|access_key|private_key)(?:$|_)", re.I)
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a flag or environment variable of this name holds a secret: ``hub_token`` does,
+    ``tokenizer_name`` does not."""
+    return bool(SECRET_NAME.search(name.lstrip("-")))
+
+
+def redact(text: str) -> str:
+    """``text`` with every token-looking string and the value of every secret environment variable replaced.
+
+    Short values (under 8 characters, such as ``HF_HUB_DISABLE_IMPLICIT_TOKEN=1``) are not secrets and
+    would match everywhere."""
+    secrets = {value for name, value in os.environ.items() if is_secret_name(name) and len(value) >= 8}
+    for value in sorted(secrets, key=len, reverse=True):
+        text = text.replace(value, REDACTED)
+    return TOKEN_PATTERN.sub(REDACTED, text)
+
+
+def redact_command_line(argv: list[str]) -> list[str]:
+    """``argv`` fit to record: the value of a secret flag (``--hub_token X``, ``--hub_token=X``) and any
+    secret-looking string replaced by ``<redacted>``."""
+    redacted, value_follows = [], False
+    for arg in argv:
+        name, equals, _ = arg.partition("=")
+        if value_follows:
+            redacted.append(REDACTED)
+            value_follows = False
+        elif arg.startswith("-") and is_secret_name(name):
+            redacted.append(f"{name}={REDACTED}" if equals else arg)
+            value_follows = not equals
+        else:
+            redacted.append(redact(arg))
+    return redacted
 
 
 def render_model_card(
@@ -15,7 +61,9 @@ def render_model_card(
     license: str = "apache-2.0",
     datasets: list[str] | None = None,
 ) -> str:
-    """The card for ``folder``: its config, ``all_results.json`` metrics and perplexity table, if present."""
+    """The card for ``folder``: its config, ``all_results.json`` metrics and perplexity table, if present.
+
+    Redacted of secrets: a folder written by an older version may have a token in its recorded command."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     results = _read_json(folder / "all_results.json")
@@ -72,7 +120,7 @@ def render_model_card(
     }
     for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads"):
         fields[key] = config.get(key)
-    return Path(template).read_text().format(**fields)
+    return redact(Path(template).read_text().format(**fields))
 
 
 def _read_json(path: Path) -> dict:

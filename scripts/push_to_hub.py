@@ -6,7 +6,8 @@
 Before anything is uploaded the folder must load with trust_remote_code=True in a fresh process that
 cannot import this package, its tokenizer must load, and the card must parse with the metadata the
 Hub needs. The token comes only from the usual places (HF_TOKEN, `hf auth login`) and is never
-printed or written.
+printed or written; a staged file that holds a secret-looking string (a token in a recorded command
+line, say) is redacted when it is text and refused otherwise.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
-from longnet.hub import check_loads_standalone, render_model_card
+from longnet.hub import check_loads_standalone, redact, render_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "model_cards" / "longnet.md"
@@ -49,7 +50,31 @@ def stage(folder: Path, staging: Path, repo_id: str, license: str, datasets: lis
     card = render_model_card(TEMPLATE, folder, repo_id=repo_id, license=license, datasets=datasets)
     (staging / "README.md").write_text(card)
     check_card(staging / "README.md")
+    for path in sorted(staging.iterdir()):
+        remove_secrets(path)
     return sorted(p.name for p in staging.iterdir())
+
+
+def remove_secrets(path: Path) -> None:
+    """Redacts a staged text file that holds a secret-looking string; refuses a binary one, which cannot be
+    edited safely. The model folder itself is left as it is."""
+    if path.suffix == ".safetensors":  # only the JSON header can hold text; the rest is tensor data
+        with path.open("rb") as file:
+            data = file.read(int.from_bytes(file.read(8), "little"))
+    else:
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            if redact(text) != text:
+                path.write_text(redact(text), encoding="utf-8")
+                print(f"warning: {path.name} holds a secret-looking string (an access token?); redacted in the upload")
+            return
+    text = data.decode("latin-1")  # bytes as characters, one to one, so the patterns match as in text
+    if redact(text) != text:
+        fail(f"{path.name} holds a secret-looking string (an access token?) and is not a text file to redact")
 
 
 def check_card(path: Path) -> None:

@@ -12,11 +12,19 @@ context length on held-out files and a code completion from the reloaded folder.
 
 Every TrainingArguments flag works (--bf16, --gradient_accumulation_steps, --gradient_checkpointing,
 --eval_steps, --save_steps, --resume_from_checkpoint, --report_to, ...).
+
+A run saves the flags it was given in OUTPUT_DIR/train_arguments.json; `--resume_from_checkpoint`
+reads them back for every flag not given again (`python scripts/train.py --output_dir out
+--resume_from_checkpoint last`) and refuses a flag that would change the data or the model. Secrets
+(--hub_token, tokens, secret environment values) are never written or printed.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import os
 import shlex
 import sys
 import time
@@ -41,7 +49,7 @@ from transformers import (
 import longnet  # noqa: F401  (registers LongNet with the Auto classes)
 from longnet import LongNetConfig, LongNetForCausalLM
 from longnet.evaluation import evaluation_documents, perplexity_by_context, write_report
-from longnet.hub import render_model_card
+from longnet.hub import is_secret_name, redact, redact_command_line, render_model_card
 from longnet.sequence_parallel import check_split
 from longnet.training import (
     SequenceParallelTrainer,
@@ -55,6 +63,41 @@ from longnet.training import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+ARGUMENTS_FILE = "train_arguments.json"
+# Where and how a run starts, not what it trains: never carried over to a resumed run.
+NOT_CARRIED = {"output_dir", "resume_from_checkpoint", "overwrite_output_dir"}
+# What decides the data a run reads (and in which order) and the model it builds: a resumed run must
+# keep the first run's values.
+RUN_DEFINING = [
+    "model_name_or_path",
+    "config_name",
+    "tokenizer_name",
+    "attention",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "segment_lengths",
+    "dilation_rates",
+    "dataset_name",
+    "dataset_config_name",
+    "train_file",
+    "validation_file",
+    "text_column",
+    "block_size",
+    "validation_split_percentage",
+    "max_train_documents",
+    "document_boundaries",
+    "seed",
+    "data_seed",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "sequence_parallel_size",
+]
+PATH_ARGUMENTS = {"model_name_or_path", "config_name", "tokenizer_name", "train_file", "validation_file"}
 
 
 @dataclass
@@ -133,23 +176,26 @@ class LongNetTrainingArguments(TrainingArguments):
 
 
 def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {redact(message)}", file=sys.stderr)
     raise SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser((ModelArguments, DataArguments, LongNetTrainingArguments))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(argv[0])
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    given = given_arguments(parser, argv)
+    model_args, data_args, training_args = build_arguments(parser, given)
+    if training_args.resume_from_checkpoint:
+        given = with_first_run_arguments(parser, given, training_args)
+        model_args, data_args, training_args = build_arguments(parser, given)
+    keep_token_out_of_files(training_args)
     check_arguments(model_args, data_args, training_args)
+    checkpoint = resume_path(training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
 
     train_docs, validation_docs, data_description = load_data(data_args)
-    tokenizer = get_tokenizer(model_args, training_args, train_docs)
+    tokenizer = get_tokenizer(model_args, training_args, train_docs, checkpoint)
     model = get_model(model_args, tokenizer, data_args.block_size)
     check_fit(model, tokenizer, data_args.block_size, training_args.sequence_parallel_size)
 
@@ -158,8 +204,9 @@ def main(argv: list[str] | None = None) -> None:
         validation_blocks = pack_documents(
             validation_docs, tokenizer, data_args.block_size, data_args.preprocessing_num_workers
         )
-    if len(train_blocks) == 0:
-        fail(f"the training data has fewer than block_size={data_args.block_size} tokens")
+    check_batches(len(train_blocks), data_args.block_size, training_args)
+    if training_args.process_index == 0:
+        save_arguments(given, output_dir)
     if not data_args.document_boundaries:
         train_blocks, validation_blocks = (b.remove_columns("position_ids") for b in (train_blocks, validation_blocks))
 
@@ -180,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         trainer = Trainer(**trainer_kwargs)
     started = time.time()
-    train_result = trainer.train(resume_from_checkpoint=resume_path(training_args))
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
     model.config.use_cache = True
     trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)
@@ -194,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     info = {
-        "command": "python scripts/train.py " + shlex.join(argv),
+        "command": "python scripts/train.py " + shlex.join(redact_command_line(argv)),
         "training_data": data_description,
         "datasets": [data_args.dataset_name] if data_args.dataset_name else [],
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -207,13 +254,88 @@ def main(argv: list[str] | None = None) -> None:
         },
         "model_args": asdict(model_args),
     }
-    (output_dir / "training_info.json").write_text(json.dumps(info, indent=1))
+    (output_dir / "training_info.json").write_text(redact(json.dumps(info, indent=1)))
     evaluate_by_context(trainer.model, tokenizer, validation_docs, data_args, output_dir)
     (output_dir / "README.md").write_text(render_model_card(ROOT / "model_cards" / "longnet.md", output_dir))
     show_completion(output_dir, model_args.trust_remote_code)
     print(f"\nSaved to {output_dir.resolve()}:")
     for path in sorted(output_dir.iterdir()):
         print(f"  {path.name}")
+
+
+def given_arguments(parser: HfArgumentParser, argv: list[str]) -> dict:
+    """The flags given on the command line (or in a JSON file), parsed, without the defaults filled in.
+
+    argparse fills in a default only where the namespace it is handed lacks the name, so a namespace
+    holding a marker for every field keeps the marker wherever no flag was given."""
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return json.loads(Path(argv[0]).read_text())
+    unset = object()
+    names = [f.name for kind in parser.dataclass_types for f in dataclasses.fields(kind) if f.init]
+    namespace = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(names, unset)))
+    return {name: value for name, value in vars(namespace).items() if value is not unset}
+
+
+def build_arguments(parser: HfArgumentParser, given: dict) -> tuple:
+    """The three argument dataclasses; a value they reject is an error line, not a traceback."""
+    try:
+        return parser.parse_dict(given)
+    except (TypeError, ValueError) as error:
+        fail(str(error))
+
+
+def with_first_run_arguments(parser: HfArgumentParser, given: dict, training_args) -> dict:
+    """``given`` completed with the flags of the run being resumed, saved in its output_dir.
+
+    A flag given again with a value that changes the data or the model (RUN_DEFINING) is refused: the
+    checkpoint would be trained on other data, or not load at all."""
+    saved_file = Path(training_args.output_dir) / ARGUMENTS_FILE
+    if not saved_file.exists():
+        print(f"warning: no {saved_file}: resuming with this command line's flags only", file=sys.stderr)
+        return given
+    saved = json.loads(saved_file.read_text())
+    merged = {**saved, **given}
+    first, resumed = run_identity(*build_arguments(parser, saved)), run_identity(*build_arguments(parser, merged))
+    differing = [
+        f"--{name} {resumed[name]} (first run: {first[name]})" for name in RUN_DEFINING if first[name] != resumed[name]
+    ]
+    if differing:
+        fail(
+            f"--resume_from_checkpoint: {', '.join(differing)} would change the data or the model of the run saved in "
+            f"{saved_file}; leave them out to reuse the first run's values, or start a new run in another --output_dir"
+        )
+    reused = sorted(set(saved) - set(given))
+    if reused and training_args.process_index == 0:
+        print(f"resuming with the first run's {' '.join('--' + name for name in reused)} (from {saved_file})")
+    return merged
+
+
+def run_identity(model_args, data_args, training_args) -> dict:
+    """The RUN_DEFINING values, with paths resolved and defaults decided, so that equal runs compare equal."""
+    values = {}
+    for name in RUN_DEFINING:
+        value = next(getattr(args, name) for args in (model_args, data_args, training_args) if hasattr(args, name))
+        if name in PATH_ARGUMENTS and value:
+            value = [str(Path(v).resolve()) for v in value] if isinstance(value, list) else str(Path(value).resolve())
+        values[name] = value
+    if values["document_boundaries"] is None:  # as check_sequence_parallel decides it
+        values["document_boundaries"] = training_args.sequence_parallel_size == 1
+    return values
+
+
+def save_arguments(given: dict, output_dir: Path) -> None:
+    """Saves the flags of this run (secrets left out) for a later --resume_from_checkpoint."""
+    kept = {name: value for name, value in given.items() if name not in NOT_CARRIED and not is_secret_name(name)}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / ARGUMENTS_FILE).write_text(redact(json.dumps(kept, indent=1)))
+
+
+def keep_token_out_of_files(training_args) -> None:
+    """Moves --hub_token into this process's HF_TOKEN, where the Hub client reads it: the Trainer pickles its
+    arguments into every checkpoint (training_args.bin), and a token must never be written to a file."""
+    if training_args.hub_token:
+        os.environ["HF_TOKEN"] = training_args.hub_token
+        training_args.hub_token = None
 
 
 def check_arguments(model_args, data_args, training_args) -> None:
@@ -330,19 +452,20 @@ def load_data(data_args) -> tuple[datasets.Dataset, datasets.Dataset, str]:
     return train, validation, description
 
 
-def get_tokenizer(model_args, training_args, train_docs):
-    name = model_args.tokenizer_name or model_args.model_name_or_path
+def get_tokenizer(model_args, training_args, train_docs, checkpoint: str | None):
+    """The named tokenizer, the resumed checkpoint's, or one trained on the data.
+
+    A trained one is trained by the main process and handed to the others in memory, so nothing is
+    written before the run's checks pass; the Trainer saves it with every checkpoint and the model."""
+    name = model_args.tokenizer_name or model_args.model_name_or_path or checkpoint
     if name:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
-    # Trained once, by the main process; the others load what it saved.
-    saved = Path(training_args.output_dir) / "tokenizer"
-    with training_args.main_process_first(desc="tokenizer"):
-        if (saved / "tokenizer.json").exists() and training_args.resume_from_checkpoint:
-            return AutoTokenizer.from_pretrained(saved)
-        if training_args.process_index == 0:
-            tokenizer = train_tokenizer(iter(train_docs["text"]), model_args.vocab_size)
-            tokenizer.save_pretrained(saved)
-        return AutoTokenizer.from_pretrained(saved)
+    tokenizer = [None]
+    if training_args.process_index == 0:
+        tokenizer = [train_tokenizer(iter(train_docs["text"]), model_args.vocab_size)]
+    if training_args.world_size > 1:
+        torch.distributed.broadcast_object_list(tokenizer, src=0)
+    return tokenizer[0]
 
 
 def get_model(model_args, tokenizer, block_size: int):
@@ -394,6 +517,24 @@ def check_fit(model, tokenizer, block_size: int, sequence_parallel_size: int) ->
             f"--block_size {block_size} is larger than the model supports "
             f"(max_position_embeddings={model.config.max_position_embeddings})"
         )
+
+
+def check_batches(blocks: int, block_size: int, training_args) -> None:
+    """Refuses a run that would make no optimizer step (and save an untrained model as if trained): with
+    dataloader_drop_last only a full batch on every data parallel process counts."""
+    processes = training_args.world_size // training_args.sequence_parallel_size
+    batch = training_args.per_device_train_batch_size
+    needed = batch * processes if training_args.dataloader_drop_last else 1
+    if blocks >= needed:
+        return
+    made = f"the training data makes {blocks} block{'s' if blocks != 1 else ''} of {block_size} tokens (--block_size)"
+    if blocks == 0 or not training_args.dataloader_drop_last:
+        fail(f"{made}: nothing would be trained; add data or lower --block_size")
+    fail(
+        f"{made}, but one batch takes {needed} (--per_device_train_batch_size {batch} x {processes} data parallel "
+        f"process{'es' if processes != 1 else ''}) and --dataloader_drop_last drops a partial one: nothing would be "
+        "trained; add data, lower --block_size or --per_device_train_batch_size, or pass --dataloader_drop_last false"
+    )
 
 
 def evaluate_by_context(model, tokenizer, validation_docs, data_args, output_dir: Path) -> None:

@@ -350,6 +350,54 @@ def test_dry_run_stages_a_folder_that_loads_without_the_package(model_folder, tm
     assert result.stdout.strip().startswith("x = ")
 
 
+def test_command_lines_are_recorded_without_secrets(monkeypatch):
+    from longnet.hub import redact_command_line
+
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false-but-long")  # not a secret: a tokenizer setting
+    argv = ["--hub_token", "abc12345", "--hub_token=xyz98765", "--tokenizer_name", "gpt2", "--run_name"]
+    argv += ["hf_abcdefghijklmnopqrstuvwxyz", "--report_to", "0123456789abcdef", "--note", "false-but-long"]
+    assert redact_command_line(argv) == [
+        "--hub_token",
+        "<redacted>",
+        "--hub_token=<redacted>",
+        "--tokenizer_name",
+        "gpt2",
+        "--run_name",
+        "<redacted>",
+        "--report_to",
+        "<redacted>",
+        "--note",
+        "false-but-long",
+    ]
+
+
+def test_push_redacts_a_recorded_token_and_refuses_one_in_a_binary_file(model_folder, tmp_path, monkeypatch, capsys):
+    token, environment_token = "hf_PLANTEDtoken1234567890abcd", "a-secret-from-the-environment"
+    monkeypatch.setenv("HF_TOKEN", environment_token)
+    info = {"command": f"python scripts/train.py --hub_token {token}", "summary": {"note": environment_token}}
+    (model_folder / "training_info.json").write_text(json.dumps(info))
+    staging = tmp_path / "stage"
+    push([str(model_folder), "someone/tiny-longnet", "--dry-run", "--staging_dir", str(staging)], monkeypatch)
+    for path in staging.iterdir():
+        assert token.encode() not in path.read_bytes() and environment_token.encode() not in path.read_bytes(), path
+    staged = json.loads((staging / "training_info.json").read_text())
+    assert staged == {"command": "python scripts/train.py --hub_token <redacted>", "summary": {"note": "<redacted>"}}
+    assert "training_info.json holds a secret-looking string" in capsys.readouterr().out
+    assert token in (model_folder / "training_info.json").read_text()  # the model folder is left as it is
+
+    (model_folder / "training_info.json").unlink()
+    (model_folder / "extra.bin").write_bytes(b"\x00\xff" + token.encode() + b"\x80")
+    with pytest.raises(SystemExit) as stopped:
+        push(
+            [str(model_folder), "someone/tiny-longnet", "--dry-run", "--staging_dir", str(tmp_path / "stage2")],
+            monkeypatch,
+        )
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert "extra.bin holds a secret-looking string" in error and token not in error
+
+
 def test_push_refuses_a_folder_without_remote_code(model_folder, monkeypatch):
     (model_folder / "modeling_longnet.py").unlink()
     with pytest.raises(SystemExit):

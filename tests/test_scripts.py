@@ -19,6 +19,7 @@ import longnet  # noqa: F401  (registers LongNet with the Auto classes, as a use
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "scripts" / "train.py")
 EVALUATE = str(ROOT / "scripts" / "evaluate.py")
+PUSH = str(ROOT / "scripts" / "push_to_hub.py")
 TINY_ARGS = [
     "--block_size",
     "128",
@@ -66,8 +67,8 @@ TINY_ARGS = [
 ]
 
 
-def run(args, cwd=None, check=True, **kwargs):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def run(args, cwd=None, check=True, env=None, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run(args, capture_output=True, text=True, cwd=cwd, env=env, **kwargs)
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
@@ -392,3 +393,67 @@ def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
         if state is not None:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+
+
+def test_resume_reuses_the_first_runs_arguments(corpus, tmp_path):
+    out = tmp_path / "out"
+    first = ["--train_file", str(corpus), "--output_dir", str(out), "--max_steps", "6", "--save_steps", "3"]
+    run([sys.executable, TRAIN, *first, *TINY_ARGS])
+    expected = final_weights(out)
+    # What a crash after the first checkpoint leaves: that checkpoint and the saved arguments.
+    for path in out.iterdir():
+        if path.is_dir() and path.name != "checkpoint-3":
+            shutil.rmtree(path)
+        elif path.is_file() and path.name != "train_arguments.json":
+            path.unlink()
+
+    changed = [sys.executable, TRAIN, "--output_dir", str(out), "--resume_from_checkpoint", "last"]
+    refused = run([*changed, "--block_size", "64", "--train_file", str(corpus / "json_decoder.py")], check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("error: --resume_from_checkpoint: --train_file [")
+    assert "--block_size 64 (first run: 128)" in refused.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "train_arguments.json"]
+
+    # The README's command, as written: every other flag comes from the first run.
+    resumed = run([sys.executable, TRAIN, "--output_dir", str(out), "--resume_from_checkpoint", "last"])
+    assert "resuming with the first run's" in resumed.stdout and "--train_file" in resumed.stdout
+    got = final_weights(out)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_data_smaller_than_one_batch_stops_before_anything_is_written(tmp_path):
+    data = tmp_path / "tiny.py"
+    data.write_text("".join(f"square_{i} = {i} * {i} + {7 * i % 5}\n" for i in range(20)))  # 128 to 255 tokens
+    out = tmp_path / "out"
+    args = ["--train_file", str(data), "--validation_file", str(data), "--output_dir", str(out), *TINY_ARGS]
+    result = run([sys.executable, TRAIN, *args], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error == [result.stderr.strip().splitlines()[-1]]
+    assert error[0].startswith("error: the training data makes 1 block of 128 tokens")
+    for hint in ("--per_device_train_batch_size 2", "--dataloader_drop_last false", "lower --block_size"):
+        assert hint in error[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_no_token_is_written_or_printed(corpus, tmp_path):
+    token, environment_token = "hf_FAKEtoken1234567890abcdef", "hf_FAKEenvironment0987654321zyx"
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    env = {"HF_TOKEN": environment_token}
+    args = ["--train_file", str(corpus), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "2"]
+    trained = run([sys.executable, TRAIN, *args, "--hub_token", token, *TINY_ARGS], env=env)
+    dry_run = [str(out), "someone/tiny-longnet", "--dry-run", "--staging_dir", str(staging)]
+    pushed = run([sys.executable, PUSH, *dry_run], env=env)
+    files = [path for folder in (out, staging) for path in folder.rglob("*") if path.is_file()]
+    for path in files:
+        content = path.read_bytes()
+        assert token.encode() not in content and environment_token.encode() not in content, path
+    assert {"training_args.bin", "training_info.json", "train_arguments.json", "README.md"} <= {p.name for p in files}
+    for output in (trained.stdout, trained.stderr, pushed.stdout, pushed.stderr):
+        assert token not in output and environment_token not in output
+    # The command is recorded, with the token's value replaced.
+    command = json.loads((out / "training_info.json").read_text())["command"]
+    assert "--hub_token '<redacted>'" in command and "--max_steps 2" in command
+    assert "--hub_token '<redacted>'" in (staging / "README.md").read_text()
