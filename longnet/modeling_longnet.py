@@ -26,7 +26,7 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_longnet import LongNetConfig
@@ -51,6 +51,9 @@ class LongNetRMSNorm(nn.Module):
 class LongNetRotaryEmbedding(nn.Module):
     def __init__(self, config: LongNetConfig):
         super().__init__()
+        # What dynamic_rope_update reads and updates.
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
         self.config = config
         self.rope_type = config.rope_parameters["rope_type"]
         init_fn: Callable = self.compute_default_rope_parameters
@@ -68,6 +71,7 @@ class LongNetRotaryEmbedding(nn.Module):
         return inv_freq, 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update  # "dynamic" RoPE: rescales the frequencies past original_max_position_embeddings
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -147,9 +147,6 @@ def test_conversion_keeps_rope_scaling_of_a_4x_config(kind, tmp_path, tokenizer)
             assert not torch.allclose(unscaled(x).logits, expected, atol=1e-3)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 14: LongNetRotaryEmbedding lacks dynamic_rope_update, so dynamic RoPE never rescales"
-)
 def test_conversion_keeps_dynamic_rope_beyond_max_position_embeddings(tmp_path, tokenizer):
     source = rope_scaled_source(tmp_path / "src", "dynamic", tokenizer)
     convert(tmp_path / "src", tmp_path / "dst", "--segment_lengths", "1024", "--dilation_rates", "1")
