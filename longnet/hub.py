@@ -20,6 +20,19 @@ TOKEN_PATTERN = re.compile(
 SECRET_NAME = re.compile(r"(?:^|_)(?:token|secret|password|passwd|api_key|access_key|private_key)(?:$|_)", re.I)
 
 
+def remote_code_files() -> list[str]:
+    """The package's files a model folder needs to load with ``trust_remote_code=True`` where longnet is
+    not installed: the modeling module and every file it imports relatively, found the way
+    ``save_pretrained`` finds what to copy (transformers' ``get_relative_import_files``). The one list
+    the conversion and upload scripts use."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    from . import modeling_longnet
+
+    modeling = Path(modeling_longnet.__file__)
+    return sorted({modeling.name, *(Path(path).name for path in get_relative_import_files(str(modeling)))})
+
+
 def is_secret_name(name: str) -> bool:
     """Whether a flag or environment variable of this name holds a secret: ``hub_token`` does,
     ``tokenizer_name`` does not."""

@@ -27,7 +27,7 @@ from transformers import AutoConfig, PreTrainedConfig
 
 import longnet
 from longnet import LongNetConfig
-from longnet.hub import render_model_card
+from longnet.hub import remote_code_files, render_model_card
 from longnet.modeling_longnet import AUTO_MAP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,6 @@ TOKENIZER_FILES = [
     "chat_template.jinja",
     "generation_config.json",
 ]
-CODE_FILES = ["configuration_longnet.py", "modeling_longnet.py", "dilated_attention.py"]
 
 
 def fail(message: str) -> None:
@@ -148,7 +147,7 @@ def convert(args: argparse.Namespace) -> None:
 
     config.save_pretrained(destination)
     package = Path(longnet.__file__).parent
-    for name in CODE_FILES:
+    for name in remote_code_files():
         shutil.copy(package / name, destination / name)
     copied = [name for name in TOKENIZER_FILES if (source / name).exists()]
     for name in copied:

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
-from longnet.hub import check_loads_standalone, redact, render_model_card
+from longnet.hub import check_loads_standalone, redact, remote_code_files, render_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "model_cards" / "longnet.md"
-REQUIRED = ["config.json", "configuration_longnet.py", "modeling_longnet.py", "dilated_attention.py"]
+REQUIRED = ["config.json", *remote_code_files()]
 # Training leftovers that do not belong in a model repository.
 SKIPPED = {"training_args.bin", "tokenizer"}
 REQUIRED_METADATA = {"library_name": "transformers", "pipeline_tag": "text-generation"}

@@ -1,6 +1,7 @@
 """Llama-family -> LongNet conversion, attn_implementation="longnet_dilated" on stock models, Hub upload."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -325,23 +326,56 @@ def test_push_to_hub_uploads_a_complete_folder_without_the_token(model_folder, m
     assert all(token.encode() not in content for content in files.values())
 
 
+def package_imports(name: str, seen: set[str]) -> set[str]:
+    """The package's files ``name`` needs: itself and, transitively, every ``from .module import``."""
+    seen.add(name)
+    source = (ROOT / "longnet" / name).read_text()
+    for module in re.findall(r"^\s*from \.(\w+) import", source, flags=re.M):
+        if f"{module}.py" not in seen:
+            package_imports(f"{module}.py", seen)
+    return seen
+
+
+LOADS_WITHOUT_THE_PACKAGE = (
+    "import sys\n"
+    "class Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] == 'longnet': raise ModuleNotFoundError(name)\n"
+    "sys.meta_path.insert(0, Block())\n"
+    "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline\n"
+    "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+    "t = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+    "print(pipeline('text-generation', model=m, tokenizer=t)('x = ', max_new_tokens=3)[0]['generated_text'])\n"
+)
+
+
+def test_every_folder_writer_writes_the_files_remote_code_needs(model_folder, tmp_path, tokenizer, monkeypatch):
+    """One list (longnet.hub.remote_code_files) for save_pretrained, conversion and upload, equal to what
+    the modeling file imports; a converted folder then loads where longnet cannot be imported."""
+    from longnet.hub import remote_code_files
+
+    needed = sorted(package_imports("modeling_longnet.py", set()))
+    assert remote_code_files() == needed and "sequence_parallel.py" in needed
+    assert set(needed) <= {p.name for p in model_folder.iterdir()}  # save_pretrained
+    source_model("llama", tmp_path / "src", tokenizer)
+    convert(tmp_path / "src", tmp_path / "dst", "--segment_lengths", "64", "--dilation_rates", "1")
+    assert set(needed) <= {p.name for p in (tmp_path / "dst").iterdir()}
+    push(
+        [str(model_folder), "someone/tiny-longnet", "--dry-run", "--staging_dir", str(tmp_path / "stage")], monkeypatch
+    )
+    assert set(needed) <= {p.name for p in (tmp_path / "stage").iterdir()}
+    script = LOADS_WITHOUT_THE_PACKAGE
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "dst")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_dry_run_stages_a_folder_that_loads_without_the_package(model_folder, tmp_path, monkeypatch, capsys):
     staging = tmp_path / "stage"
     calls = push([str(model_folder), "someone/tiny-longnet", "--dry-run", "--staging_dir", str(staging)], monkeypatch)
     assert "commit" not in calls and "repo" not in calls
     listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert listed["files"] == sorted(p.name for p in staging.iterdir())
-    script = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'longnet': raise ModuleNotFoundError(name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline\n"
-        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
-        "t = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
-        "print(pipeline('text-generation', model=m, tokenizer=t)('x = ', max_new_tokens=3)[0]['generated_text'])\n"
-    )
+    script = LOADS_WITHOUT_THE_PACKAGE
     result = subprocess.run([sys.executable, "-c", script, str(staging)], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().startswith("x = ")
