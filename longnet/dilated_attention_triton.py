@@ -208,6 +208,19 @@ def _forward_kernel(
 
 
 @_jit
+def _branch_rows(TABLE, branch, bh, head, t, length):
+    """Which positions ``t`` of (batch row, head) ``bh`` take part in ``branch``, and their compact rows."""
+    w = tl.load(TABLE + branch * 5)
+    r = tl.load(TABLE + branch * 5 + 1)
+    segments = tl.load(TABLE + branch * 5 + 2)
+    slots = tl.load(TABLE + branch * 5 + 3)
+    base = tl.load(TABLE + branch * 5 + 4)
+    takes_part = ((t % w) % r == head % r) & (t < length)
+    row = base + (bh.to(tl.int64) * segments + t // w) * slots + (t % w) // r
+    return takes_part, row
+
+
+@_jit
 def _merge_kernel(
     BRANCH_OUT, BRANCH_LSE, TABLE, OUT, LSE, n_branches, heads, length,
     stride_ob, stride_oh, stride_ol, stride_lb, stride_lh,
@@ -221,25 +234,13 @@ def _merge_kernel(
     dims = tl.arange(0, HEAD_DIM)
     top = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     for branch in range(n_branches):
-        w = tl.load(TABLE + branch * 5)
-        r = tl.load(TABLE + branch * 5 + 1)
-        segments = tl.load(TABLE + branch * 5 + 2)
-        slots = tl.load(TABLE + branch * 5 + 3)
-        base = tl.load(TABLE + branch * 5 + 4)
-        takes_part = ((t % w) % r == head % r) & (t < length)
-        row = base + (bh.to(tl.int64) * segments + t // w) * slots + (t % w) // r
+        takes_part, row = _branch_rows(TABLE, branch, bh, head, t, length)
         top = tl.maximum(top, tl.load(BRANCH_LSE + row, mask=takes_part, other=float("-inf")))
     top = tl.where(top == float("-inf"), 0.0, top)
     total = tl.zeros([BLOCK_T], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
     for branch in range(n_branches):
-        w = tl.load(TABLE + branch * 5)
-        r = tl.load(TABLE + branch * 5 + 1)
-        segments = tl.load(TABLE + branch * 5 + 2)
-        slots = tl.load(TABLE + branch * 5 + 3)
-        base = tl.load(TABLE + branch * 5 + 4)
-        takes_part = ((t % w) % r == head % r) & (t < length)
-        row = base + (bh.to(tl.int64) * segments + t // w) * slots + (t % w) // r
+        takes_part, row = _branch_rows(TABLE, branch, bh, head, t, length)
         weight = tl.math.exp(tl.load(BRANCH_LSE + row, mask=takes_part, other=float("-inf")) - top)
         part = tl.load(BRANCH_OUT + row[:, None] * HEAD_DIM + dims[None, :], mask=takes_part[:, None], other=0.0)
         total += weight

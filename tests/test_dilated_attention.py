@@ -148,10 +148,11 @@ def test_cuda_gradients_match_reference_fp32():
 # and float16. "long" has several 128-row tiles per segment, so whole (unmasked) and diagonal blocks.
 TRITON_CASES = {name: CASES[name] for name in EQUAL_LENGTH_CASES} | {"long": (1, 2, 1, 300, 300, [(256, 1), (512, 2)])}
 TRITON_DTYPES = [torch.float32, torch.float16] if triton_path.INTERPRETED else [torch.bfloat16, torch.float16]
-TRITON_DEVICE = "cpu" if triton_path.INTERPRETED else "cuda"
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not triton_path.INTERPRETED else "cpu"
+HAS_TRITON_PATH = any(backend == "triton" for backend, _ in PATHS)
 
 
-@pytest.mark.skipif(not any(b == "triton" for b, _ in PATHS), reason="needs triton (and CUDA or TRITON_INTERPRET=1)")
+@pytest.mark.skipif(not HAS_TRITON_PATH, reason="needs triton (and CUDA or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("case", list(TRITON_CASES))
@@ -328,6 +329,7 @@ def test_auto_backend_choice():
         assert choose_backend(k.cuda(), k.cuda()) == "sdpa"  # float32
 
 
+@pytest.mark.skipif(not HAS_TRITON_PATH, reason="needs triton (and CUDA or TRITON_INTERPRET=1)")
 def test_triton_refuses_what_it_cannot_take():
     q, k, v = make_inputs(1, 4, 2, 8, 64, 16, torch.float32, TRITON_DEVICE)
     with pytest.raises(ValueError, match="backend 'triton' cannot run here: .*one length"):
