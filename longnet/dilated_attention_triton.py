@@ -69,7 +69,7 @@ def unsupported_reason(query: torch.Tensor, key: torch.Tensor) -> str | None:
 class _Plan:
     """Per shape: the branch table and the tile list, on the device.
 
-    ``branch_table`` (int64, one row per branch): w, r, segments, slots (``ceil(w/r)``), and the first
+    ``table`` (int64, one row per branch): w, r, segments, slots (``ceil(w/r)``), and the first
     row of the branch in the compact buffers, laid out ``(B*H, segments, slots)``. ``tiles`` (int32,
     one row per tile): branch, ``b*H + h``, segment, block; heaviest causal blocks first."""
 
@@ -84,7 +84,7 @@ class _Plan:
             span = torch.clamp(length - segment * w, max=w)  # positions in the segment
             kept = torch.clamp(span - head % r + r - 1, min=0) // r  # (segments, H)
             blocks = -(-kept // TILE_ROWS)
-            seg_of, head_of = torch.nonzero(blocks >= 0, as_tuple=True)
+            seg_of, head_of = (x.flatten() for x in torch.meshgrid(torch.arange(segments), head, indexing="ij"))
             count = blocks.flatten()
             seg_of, head_of = seg_of.repeat_interleave(count), head_of.repeat_interleave(count)
             block_of = torch.arange(int(count.sum())) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
