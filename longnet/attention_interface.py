@@ -9,7 +9,8 @@ run dilated attention in place of its own:
 The name is registered in both the attention and the attention-mask interfaces. The mask function
 hands the attention function the 2D padding mask (never a 4D one: memory stays linear), and the
 attention function applies causality and dilation itself, dropping padding and splitting packed
-documents exactly as ``LongNetModel`` does. Sliding windows (Mistral, Qwen2) are not applied.
+documents exactly as ``LongNetModel`` does. Sliding windows (Mistral, Qwen2) are not applied; a
+model that trains with attention dropout is refused (the kernel has none), never run without it.
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def longnet_dilated_attention_forward(
             f"{type(config).__name__} has segment_lengths={segment_lengths}, dilation_rates={dilation_rates}"
         )
     check_branches(segment_lengths, dilation_rates)
+    if dropout:  # the model passes its attention_dropout only in training mode
+        raise ValueError(
+            f"attn_implementation='{NAME}' has no attention dropout (the dilated kernel never forms the attention "
+            f"weights), but this model trains with attention_dropout={dropout}: load it with attention_dropout=0.0 "
+            f"(e.g. from_pretrained(..., attention_dropout=0.0)) or use another attn_implementation"
+        )
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"attn_implementation='{NAME}' takes the 2D padding mask its mask function builds; got a "

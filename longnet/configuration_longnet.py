@@ -66,8 +66,9 @@ class LongNetConfig(PreTrainedConfig):
     attention_bias: bool = False
     attention_dropout: int | float | None = 0.0
     mlp_bias: bool = False
-    segment_lengths: list[int] | None = None
-    dilation_rates: list[int] | None = None
+    # Tuples are accepted as the kernel accepts them, and stored as lists so config.json round-trips.
+    segment_lengths: list[int] | tuple[int, ...] | None = None
+    dilation_rates: list[int] | tuple[int, ...] | None = None
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None and self.num_attention_heads:
@@ -102,6 +103,11 @@ class LongNetConfig(PreTrainedConfig):
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.hidden_size % self.num_attention_heads != 0:  # LlamaConfig.validate_architecture refuses it too
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})"
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")

@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -18,6 +22,42 @@ TOKEN_PATTERN = re.compile(
 )
 # Names of flags and environment variables that hold secrets: hub_token, HF_TOKEN, WANDB_API_KEY, ...
 SECRET_NAME = re.compile(r"(?:^|_)(?:token|secret|password|passwd|api_key|access_key|private_key)(?:$|_)", re.I)
+# Files that hold a tokenizer's vocabulary (fast, sentencepiece, BPE, WordPiece): without one it cannot load.
+TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+# Card license of a model trained here; a converted model records its source's in training_info.json.
+DEFAULT_LICENSE = {"license": "apache-2.0"}
+UNKNOWN_LICENSE = {"license": "other", "license_name": "unknown"}
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a tokenizer's vocabulary; checked first, because AutoTokenizer's own error
+    for a folder without one blames missing packages (sentencepiece, tiktoken)."""
+    return any((Path(folder) / name).exists() for name in TOKENIZER_VOCABULARY_FILES)
+
+
+@contextmanager
+def write_folder(destination: str | Path) -> Iterator[Path]:
+    """Yields a temporary sibling of ``destination`` to write into, renamed to ``destination`` only when the
+    block succeeds and removed when it fails, so a failed or interrupted run never leaves a half-written
+    folder. An existing ``destination`` is replaced: the caller checks that it may be."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    try:
+        yield temporary
+        if destination.exists():
+            shutil.rmtree(destination)
+        temporary.rename(destination)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def recorded_license(folder: str | Path) -> dict[str, str] | None:
+    """The card's license metadata as ``training_info.json`` records it: a converted model's source license
+    (None when the source's card named none), apache-2.0 for a model trained here (no record)."""
+    info = _read_json(Path(folder) / "training_info.json")
+    return info["license"] if "license" in info else dict(DEFAULT_LICENSE)
 
 
 def remote_code_files() -> list[str]:
@@ -71,10 +111,14 @@ def render_model_card(
     template: str | Path,
     folder: str | Path,
     repo_id: str | None = None,
-    license: str = "apache-2.0",
+    license: str | None = None,
     datasets: list[str] | None = None,
 ) -> str:
     """The card for ``folder``: its config, ``all_results.json`` metrics and perplexity table, if present.
+
+    The license is ``license`` if given, else the recorded one (``recorded_license``), else "other/unknown";
+    the data (rows and model-index) is what ``training_info.json`` records, word for word: it says how the
+    validation documents were chosen (split off, or given), so the card claims no other split.
 
     Redacted of secrets: a folder written by an older version may have a token in its recorded command."""
     folder = Path(folder)
@@ -83,6 +127,8 @@ def render_model_card(
     info = _read_json(folder / "training_info.json")
     perplexity = folder / "perplexity_by_context.md"
     datasets = datasets if datasets is not None else info.get("datasets", [])
+    training_data = info.get("training_data", "not recorded")
+    license_metadata = {"license": license} if license else recorded_license(folder) or UNKNOWN_LICENSE
     metrics = [
         {"type": "perplexity", "value": round(v, 3), "name": f"perplexity at {k} tokens"}
         for k, v in sorted(
@@ -102,7 +148,7 @@ def render_model_card(
                                 "task": {"type": "text-generation", "name": "Causal language modelling"},
                                 "dataset": {
                                     "type": datasets[0] if datasets else "custom",
-                                    "name": f"held-out part of {info.get('training_data', 'the training data')}",
+                                    "name": training_data,
                                 },
                                 "metrics": metrics,
                             }
@@ -114,7 +160,7 @@ def render_model_card(
         )
     segments = config.get("segment_lengths") or []
     fields = {
-        "license": license,
+        "license_yaml": yaml.safe_dump(license_metadata, sort_keys=False).strip(),
         "datasets_yaml": yaml.safe_dump({"datasets": datasets}, sort_keys=False) if datasets else "",
         "metrics_yaml": metrics_yaml,
         "model_name": repo_id or folder.name,
@@ -125,7 +171,7 @@ def render_model_card(
         "max_segment": max(segments) if segments else "n/a",
         "vocab_size": config.get("vocab_size"),
         "parameters": f"{info['parameters']:,}" if "parameters" in info else "see config.json",
-        "training_data": info.get("training_data", "not recorded"),
+        "training_data": training_data,
         "evaluation": perplexity.read_text().split("\n", 2)[-1].strip()
         if perplexity.exists()
         else "No evaluation results were saved with this model.",
@@ -162,12 +208,16 @@ class NoLongNet:  # behave as a machine without the package installed
 sys.meta_path.insert(0, NoLongNet())
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-folder = sys.argv[1]
-model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-ids = tokenizer("def main():", return_tensors="pt")["input_ids"]
-logits = model(ids).logits
-assert torch.isfinite(logits).all()
+folder, step = sys.argv[1], "the model does not load"
+try:
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    step = "the tokenizer does not load"
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    step = "a forward pass fails"
+    ids = tokenizer("def main():", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids).logits).all(), "the logits are not finite"
+except Exception as error:
+    sys.exit(f"{step}: {type(error).__name__}: {(str(error).strip() or '-').splitlines()[0]}")
 print(json.dumps({"class": type(model).__module__ + "." + type(model).__name__, "tokens": ids.shape[1]}))
 """
 
@@ -175,9 +225,8 @@ print(json.dumps({"class": type(model).__module__ + "." + type(model).__name__, 
 def check_loads_standalone(folder: str | Path) -> dict:
     """Loads ``folder`` with trust_remote_code=True in a fresh process that cannot import ``longnet``.
 
-    Raises RuntimeError with the child's error output when it fails; returns what it loaded.
+    Raises RuntimeError with the failing step and its error in one line; returns what it loaded.
     """
-    import os
     import subprocess
     import sys
 
@@ -190,5 +239,6 @@ def check_loads_standalone(folder: str | Path) -> dict:
         env={**env, "HF_HUB_OFFLINE": "1"},
     )
     if result.returncode != 0:
-        raise RuntimeError(f"{folder} does not load without the longnet package:\n{result.stderr[-3000:]}")
+        reason = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
+        raise RuntimeError(f"{folder} does not work where the longnet package is not installed: {reason}")
     return json.loads(result.stdout.strip().splitlines()[-1])

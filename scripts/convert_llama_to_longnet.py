@@ -8,26 +8,33 @@ memory stays near one shard. The source config is read as transformers reads it 
 so llama3 / yarn / linear / dynamic RoPE scaling carries over) and every field LongNet has is taken
 over. The tokenizer and generation config are copied, the remote-code files and auto_map are
 written, and a model card is filled in. What LongNet cannot express (Mistral's and Qwen2's sliding
-window, any field it does not know) is dropped and said so. Weights are read only from safetensors
-unless --allow_pytorch_bin is given.
+window, any field it does not know) is dropped and said so; a special token id outside the vocabulary
+(`pad_token_id: -1`, which transformers only warns about) becomes None and is reported. The source's
+license (its README.md metadata) is recorded for the card. Weights are read only from safetensors
+unless --allow_pytorch_bin is given; a corrupt or truncated weight file is refused before anything is
+written, and the destination appears only once it is complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import shutil
 import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+import yaml
+from huggingface_hub import ModelCard
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, PreTrainedConfig
 
 import longnet
 from longnet import LongNetConfig
-from longnet.hub import remote_code_files, render_model_card
+from longnet.dilated_attention import check_branches
+from longnet.hub import has_tokenizer, remote_code_files, render_model_card, write_folder
 from longnet.modeling_longnet import AUTO_MAP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +61,11 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def convert_config(source_config: PreTrainedConfig, segment_lengths: list[int], dilation_rates: list[int]):
-    """LongNetConfig for a source config as transformers loaded it, and what could not be carried over.
+def convert_config(
+    source_config: PreTrainedConfig, segment_lengths: list[int], dilation_rates: list[int]
+) -> tuple[LongNetConfig, str, list[str], list[str]]:
+    """LongNetConfig for a source config as transformers loaded it, its model type, what could not be
+    carried over, and what was changed.
 
     Every entry LongNetConfig has is taken over as it is (rope_parameters with its scaling, dtype, token
     ids, ...); any other entry that changes the model is reported as dropped, never silently lost."""
@@ -82,13 +92,41 @@ def convert_config(source_config: PreTrainedConfig, segment_lengths: list[int], 
         dropped.append(f"sliding_window={values['sliding_window']}")
     if fields.pop("attention_dropout", 0):
         dropped.append(f"attention_dropout={values['attention_dropout']}")
+    changed = drop_token_ids_outside_vocabulary(fields)
     try:
         config = LongNetConfig(**fields, segment_lengths=segment_lengths, dilation_rates=dilation_rates)
     except ValueError as error:
         fail(str(error))
     config.architectures = ["LongNetForCausalLM"]
     config.auto_map = dict(AUTO_MAP)
-    return config, model_type, dropped
+    return config, model_type, dropped, changed
+
+
+def drop_token_ids_outside_vocabulary(fields: dict) -> list[str]:
+    """Sets special token ids outside the vocabulary (``pad_token_id: -1`` of many Llama checkpoints) to None,
+    dropping them from an eos list; returns what changed. transformers only warns about such ids, and
+    LongNetConfig refuses them; None is what they mean (no such token), with the same forward pass."""
+    changed = []
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = fields.get(name)
+        ids = value if isinstance(value, list) else [value]
+        kept = [i for i in ids if i is None or 0 <= i < fields["vocab_size"]]
+        if kept != ids:
+            fields[name] = kept if isinstance(value, list) and kept else None
+            changed.append(f"{name}={value!r} -> {fields[name]!r} (outside the vocabulary)")
+    return changed
+
+
+def source_license(source: Path) -> dict[str, str] | None:
+    """The license metadata of the source's model card (README.md), or None when it names none."""
+    if not (source / "README.md").is_file():
+        return None
+    try:
+        metadata = ModelCard.load(source / "README.md").data.to_dict()
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    names = ("license", "license_name", "license_link")
+    return {name: metadata[name] for name in names if metadata.get(name)} if metadata.get("license") else None
 
 
 def source_shards(source: Path, allow_pytorch_bin: bool) -> list[Path]:
@@ -104,11 +142,26 @@ def source_shards(source: Path, allow_pytorch_bin: bool) -> list[Path]:
     return bins
 
 
+def check_shards(shards: list[Path]) -> None:
+    """Refuses a truncated or corrupt safetensors file before anything is written: opening one reads its
+    header and checks that the file holds every tensor it lists."""
+    for path in shards:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(path, framework="pt"):
+                    pass
+            except SafetensorError as error:
+                fail(f"{path} is truncated or corrupt ({error}); download or copy it again")
+
+
 def read_shard(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as shard:
-            return {name: shard.get_tensor(name) for name in shard.keys()}
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as shard:
+                return {name: shard.get_tensor(name) for name in shard.keys()}
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        fail(f"{path} is truncated or corrupt ({str(error).splitlines()[0]}); download or copy it again")
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -118,13 +171,56 @@ def convert(args: argparse.Namespace) -> None:
     if destination.exists() and any(destination.iterdir()):
         fail(f"{destination} exists and is not empty")
     try:
+        check_branches(args.segment_lengths, args.dilation_rates)
+    except ValueError as error:
+        fail(f"--segment_lengths / --dilation_rates: {error}")
+    try:
         source_config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
         fail(f"{source / 'config.json'} does not load as a transformers config: {error}")
-    config, model_type, dropped = convert_config(source_config, args.segment_lengths, args.dilation_rates)
+    config, model_type, dropped, changed = convert_config(source_config, args.segment_lengths, args.dilation_rates)
     shards = source_shards(source, args.allow_pytorch_bin)
-    destination.mkdir(parents=True, exist_ok=True)
+    check_shards(shards)
+    license = source_license(source)
+    with write_folder(destination) as folder:
+        tensor_count = write_weights(shards, folder, model_type, config.tie_word_embeddings)
+        config.save_pretrained(folder)
+        package = Path(longnet.__file__).parent
+        for name in remote_code_files():
+            shutil.copy(package / name, folder / name)
+        for name in TOKENIZER_FILES:
+            if (source / name).exists():
+                shutil.copy(source / name, folder / name)
+        summary = {"converted from": str(source), "dropped": ", ".join(dropped) or "nothing"}
+        if changed:
+            summary["changed"] = ", ".join(changed)
+        info = {
+            "training_data": f"converted from {source.name} ({model_type}); not trained further",
+            "parameters": tensor_count["parameters"],
+            "license": license,
+            "summary": summary,
+        }
+        (folder / "training_info.json").write_text(json.dumps(info, indent=1))
+        card = render_model_card(ROOT / "model_cards" / "longnet.md", folder, repo_id=str(destination))
+        (folder / "README.md").write_text(card)
+    if not has_tokenizer(source):
+        print(f"warning: no tokenizer files in {source}; the LongNet folder has none either", file=sys.stderr)
+    print(
+        f"converted {model_type} {source} -> {destination} ({tensor_count['tensors']} tensors, {len(shards)} shard(s))"
+    )
+    print(f"rope_parameters: {config.rope_parameters}")
+    print("dropped: " + (", ".join(dropped) if dropped else "nothing"))
+    if changed:
+        print("changed: " + ", ".join(changed))
+    if license:
+        print(f"license: {', '.join(license.values())} (from {source / 'README.md'})")
+    else:
+        print(f"license: unknown ({source / 'README.md'} names none); give push_to_hub.py --license")
 
+
+def write_weights(shards: list[Path], folder: Path, model_type: str, tie_word_embeddings: bool) -> dict[str, int]:
+    """Streams the source shards into safetensors shards of the same grouping (an index when several);
+    returns the tensor and parameter counts."""
     weight_map, total_size, parameters = {}, 0, 0
     for number, shard_path in enumerate(shards, start=1):
         tensors = read_shard(shard_path)
@@ -133,37 +229,18 @@ def convert(args: argparse.Namespace) -> None:
                 tensors[name.replace(".weight", ".bias")] = torch.zeros(
                     tensors[name].shape[0], dtype=tensors[name].dtype
                 )
-        if config.tie_word_embeddings:
+        if tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
         name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, destination / name, metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / name, metadata={"format": "pt"})
         weight_map.update({tensor_name: name for tensor_name in tensors})
         total_size += sum(t.numel() * t.element_size() for t in tensors.values())
         parameters += sum(t.numel() for t in tensors.values())
         del tensors
     if len(shards) > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (destination / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-    config.save_pretrained(destination)
-    package = Path(longnet.__file__).parent
-    for name in remote_code_files():
-        shutil.copy(package / name, destination / name)
-    copied = [name for name in TOKENIZER_FILES if (source / name).exists()]
-    for name in copied:
-        shutil.copy(source / name, destination / name)
-    if "tokenizer.json" not in copied and "tokenizer.model" not in copied:
-        print(f"warning: no tokenizer files in {source}; the LongNet folder has none either", file=sys.stderr)
-    info = {
-        "training_data": f"converted from {source.name} ({model_type}); not trained further",
-        "parameters": parameters,
-        "summary": {"converted from": str(source), "dropped": ", ".join(dropped) or "nothing"},
-    }
-    (destination / "training_info.json").write_text(json.dumps(info, indent=1))
-    (destination / "README.md").write_text(render_model_card(ROOT / "model_cards" / "longnet.md", destination))
-    print(f"converted {model_type} {source} -> {destination} ({len(weight_map)} tensors, {len(shards)} shard(s))")
-    print(f"rope_parameters: {config.rope_parameters}")
-    print("dropped: " + (", ".join(dropped) if dropped else "nothing"))
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return {"tensors": len(weight_map), "parameters": parameters}
 
 
 def main() -> None:

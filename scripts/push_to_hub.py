@@ -7,7 +7,9 @@ Before anything is uploaded the folder must load with trust_remote_code=True in 
 cannot import this package, its tokenizer must load, and the card must parse with the metadata the
 Hub needs. The token comes only from the usual places (HF_TOKEN, `hf auth login`) and is never
 printed or written; a staged file that holds a secret-looking string (a token in a recorded command
-line, say) is redacted when it is text and refused otherwise.
+line, say) is redacted when it is text and refused otherwise. The card's license is --license, else the
+one recorded with the model (a converted model's source license). The staging folder appears only
+once complete and is marked, so a rerun replaces it; a folder the script did not stage is never removed.
 """
 
 from __future__ import annotations
@@ -20,8 +22,18 @@ import tempfile
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from longnet.hub import check_loads_standalone, redact, remote_code_files, render_model_card
+from longnet.hub import (
+    TOKENIZER_VOCABULARY_FILES,
+    check_loads_standalone,
+    has_tokenizer,
+    recorded_license,
+    redact,
+    remote_code_files,
+    render_model_card,
+    write_folder,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "model_cards" / "longnet.md"
@@ -29,6 +41,8 @@ REQUIRED = ["config.json", *remote_code_files()]
 # Training leftovers that do not belong in a model repository.
 SKIPPED = {"training_args.bin", "tokenizer"}
 REQUIRED_METADATA = {"library_name": "transformers", "pipeline_tag": "text-generation"}
+# Written into every staging folder, never uploaded: a folder that holds it was staged here and may be replaced.
+STAGING_MARKER = ".staged-by-push_to_hub"
 
 
 def fail(message: str) -> None:
@@ -36,23 +50,39 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def stage(folder: Path, staging: Path, repo_id: str, license: str, datasets: list[str] | None) -> list[str]:
-    """Writes exactly what will be uploaded into ``staging``; returns the file names."""
+def check_folder(folder: Path) -> None:
+    """Refuses a folder that lacks a file the upload needs, naming it."""
     missing = [name for name in REQUIRED if not (folder / name).exists()]
     if not list(folder.glob("*.safetensors")):
         missing.append("*.safetensors weights")
     if missing:
         fail(f"{folder} is missing {', '.join(missing)}")
-    staging.mkdir(parents=True, exist_ok=True)
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name not in SKIPPED and path.name != "README.md":
-            shutil.copy(path, staging / path.name)
-    card = render_model_card(TEMPLATE, folder, repo_id=repo_id, license=license, datasets=datasets)
-    (staging / "README.md").write_text(card)
-    check_card(staging / "README.md")
-    for path in sorted(staging.iterdir()):
-        remove_secrets(path)
-    return sorted(p.name for p in staging.iterdir())
+    if not has_tokenizer(folder):
+        fail(
+            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_VOCABULARY_FILES)}): save the model's "
+            f"tokenizer into it (tokenizer.save_pretrained(folder))"
+        )
+
+
+def stage(folder: Path, staging: Path, repo_id: str, license: str | None, datasets: list[str] | None) -> list[str]:
+    """Writes exactly what will be uploaded into ``staging``, which appears only when complete; returns the
+    file names."""
+    with write_folder(staging) as written:
+        (written / STAGING_MARKER).touch()
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.name not in SKIPPED and path.name != "README.md":
+                shutil.copy(path, written / path.name)
+        card = render_model_card(TEMPLATE, folder, repo_id=repo_id, license=license, datasets=datasets)
+        (written / "README.md").write_text(card)
+        check_card(written / "README.md")
+        for path in staged_files(written):
+            remove_secrets(path)
+    return [path.name for path in staged_files(staging)]
+
+
+def staged_files(staging: Path) -> list[Path]:
+    """The files to upload: everything staged but the marker."""
+    return sorted(path for path in staging.iterdir() if path.name != STAGING_MARKER)
 
 
 def remove_secrets(path: Path) -> None:
@@ -97,7 +127,7 @@ def upload(staging: Path, repo_id: str, private: bool, revision: str | None, mes
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(staging.iterdir())]
+    operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in staged_files(staging)]
     commit = api.create_commit(
         repo_id, operations=operations, commit_message=message, revision=revision, repo_type="model"
     )
@@ -111,7 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--revision", help="branch to upload to (created if missing); default main")
     parser.add_argument("--commit_message", default="Upload LongNet model")
-    parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument(
+        "--license",
+        help="the card's license (default: the one recorded with the model: a converted model's source "
+        "license, apache-2.0 for a model trained here)",
+    )
     parser.add_argument("--datasets", nargs="+", help="dataset ids for the card (default: from the training run)")
     parser.add_argument(
         "--dry-run",
@@ -126,12 +160,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     folder = Path(args.folder)
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError as error:
+        fail(f"repo_id {args.repo_id!r} is not a valid Hub repository id (your-name/model-name): {error}")
     if args.dry_run and not args.staging_dir:
         args.staging_dir = f"{folder.resolve()}-hub-staging"
     if not (folder / "config.json").exists():
         fail(f"{folder} is not a model folder (no config.json)")
-    if args.staging_dir and Path(args.staging_dir).exists() and any(Path(args.staging_dir).iterdir()):
-        fail(f"--staging_dir {args.staging_dir} exists and is not empty")
+    staging_dir = Path(args.staging_dir) if args.staging_dir else None
+    if staging_dir and staging_dir.exists() and not (staging_dir / STAGING_MARKER).exists():
+        if not staging_dir.is_dir() or any(staging_dir.iterdir()):
+            fail(f"--staging_dir {staging_dir} exists, is not empty and was not staged by this script")
+    check_folder(folder)
+    if not args.license and recorded_license(folder) is None:
+        fail(f"{folder} was converted from a model whose card names no license: give the source's with --license")
     print(f"checking that {folder} loads without the longnet package ...")
     try:
         loaded = check_loads_standalone(folder)
@@ -139,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(error))
     print(f"  ok: {loaded['class']}, tokenizer encodes")
     with tempfile.TemporaryDirectory() as temporary:
-        staging = Path(args.staging_dir or temporary)
+        staging = staging_dir or Path(temporary) / "staging"
         files = stage(folder, staging, args.repo_id, args.license, args.datasets)
         print(f"staged {len(files)} files in {staging}:")
         for name in files:

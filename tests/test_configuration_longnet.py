@@ -24,6 +24,13 @@ def test_round_trip(tmp_path):
     assert loaded.segment_lengths == [16, 64] and loaded.dilation_rates == [1, 4]
 
 
+def test_tuples_are_accepted_and_saved_as_lists(tmp_path):
+    config = tiny_config(segment_lengths=(16, 64), dilation_rates=(1, 4))
+    assert config.segment_lengths == [16, 64] and config.dilation_rates == [1, 4]
+    config.save_pretrained(tmp_path)
+    assert LongNetConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [
@@ -32,6 +39,8 @@ def test_round_trip(tmp_path):
         (dict(intermediate_size=0), "intermediate_size"),
         (dict(num_hidden_layers=0), "num_hidden_layers"),
         (dict(num_attention_heads=0, head_dim=16), "num_attention_heads"),
+        (dict(hidden_size=66), "hidden_size .* num_attention_heads"),
+        (dict(hidden_size=66, head_dim=16), "hidden_size .* num_attention_heads"),  # LlamaConfig refuses it too
         (dict(num_key_value_heads=0), "num_key_value_heads"),
         (dict(num_key_value_heads=3), "num_key_value_heads"),
         (dict(head_dim=7), "head_dim"),

@@ -190,6 +190,64 @@ def test_conversion_errors_say_what_is_supported(tmp_path):
     torch.testing.assert_close(converted(ids()).logits, model(ids()).logits, atol=1e-5, rtol=0)
 
 
+def truncate_weights(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+
+
+def corrupt_pytorch_bin(folder: Path) -> None:
+    """Weights that pass every check before writing starts and fail while the destination is written."""
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle" * 10)
+
+
+# case: (what breaks the source, flags, what the error says). One case per check: each run costs the
+# script's imports (5-10 s here).
+CONVERSION_ERRORS = {
+    "truncated safetensors": (truncate_weights, [], "model.safetensors is truncated or corrupt"),
+    "corrupt pytorch_model.bin": (corrupt_pytorch_bin, ["--allow_pytorch_bin"], "pytorch_model.bin is truncated"),
+    "zero segment length": (
+        None,
+        ["--segment_lengths", "4", "0", "--dilation_rates", "1", "2"],
+        "--segment_lengths / --dilation_rates: segment_lengths must hold positive integers, got 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CONVERSION_ERRORS))
+def test_conversion_refuses_bad_input_and_writes_nothing(case, tmp_path):
+    breaks, flags, message = CONVERSION_ERRORS[case]
+    source_model("llama", tmp_path / "src")
+    if breaks:
+        breaks(tmp_path / "src")
+    branches = ["--segment_lengths", "64", "--dilation_rates", "1"] if "--segment_lengths" not in flags else []
+    result = convert(tmp_path / "src", tmp_path / "dst", *branches, *flags, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr.splitlines()[-1] and result.stderr.splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in result.stdout + result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no destination, no partial sibling
+
+
+def test_conversion_sets_token_ids_outside_the_vocabulary_to_none_and_keeps_the_license(
+    tmp_path, tokenizer, monkeypatch
+):
+    source_model("llama", tmp_path / "src", tokenizer)
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "pad_token_id": -1}))
+    (tmp_path / "src" / "README.md").write_text("---\nlicense: llama3.1\n---\n# A Llama\n")
+    result = convert(tmp_path / "src", tmp_path / "dst", "--segment_lengths", "64", "--dilation_rates", "1")
+    assert "changed: pad_token_id=-1 -> None (outside the vocabulary)" in result.stdout
+    assert "license: llama3.1" in result.stdout
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["pad_token_id"] is None
+    assert json.loads((tmp_path / "dst" / "training_info.json").read_text())["license"] == {"license": "llama3.1"}
+    import push_to_hub  # the standalone load is tested on converted folders above; here: the card
+
+    monkeypatch.setattr(push_to_hub, "check_loads_standalone", lambda folder: {"class": "LongNetForCausalLM"})
+    push([str(tmp_path / "dst"), "someone/longnet-llama", "--dry-run"], monkeypatch)
+    card = ModelCard.load(tmp_path / "dst-hub-staging" / "README.md")
+    assert card.data.license == "llama3.1"
+
+
 # ---------------------------------------------------------------------------------------------------
 # attn_implementation="longnet_dilated" on a stock model
 
@@ -243,6 +301,14 @@ def test_stock_model_without_branches_is_a_clear_error():
         model(ids())
 
 
+def test_stock_model_training_with_attention_dropout_is_refused():
+    config = LlamaConfig(**TINY, **BRANCHES, attention_dropout=0.1)
+    model = LlamaForCausalLM._from_config(config, attn_implementation="longnet_dilated")
+    model.eval()(ids())  # no dropout at inference: runs
+    with pytest.raises(ValueError, match="attention_dropout=0.1"):
+        model.train()(ids())
+
+
 # ---------------------------------------------------------------------------------------------------
 # push_to_hub
 
@@ -258,8 +324,10 @@ def model_folder(tmp_path, tokenizer):
     return folder
 
 
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
 def push(argv, monkeypatch):
-    sys.path.insert(0, str(ROOT / "scripts"))
     import push_to_hub
 
     calls = {}
@@ -326,6 +394,63 @@ def test_push_to_hub_uploads_a_complete_folder_without_the_token(model_folder, m
     assert all(token.encode() not in content for content in files.values())
 
 
+def remove_tokenizer(folder: Path) -> None:
+    (folder / "tokenizer.json").unlink()
+
+
+def record_unknown_license(folder: Path) -> None:
+    """What conversion records for a source whose card names no license."""
+    (folder / "training_info.json").write_text(json.dumps({"license": None, "training_data": "converted"}))
+
+
+def stage_something_else(folder: Path) -> None:
+    (folder.parent / "stage").mkdir()
+    (folder.parent / "stage" / "notes.txt").write_text("mine")
+
+
+# case: (what breaks the folder, repo id, what the error says). Every case stops before the standalone load.
+PUSH_ERRORS = {
+    "no tokenizer": (remove_tokenizer, "someone/tiny-longnet", "has no tokenizer (none of tokenizer.json"),
+    "invalid repo id": (None, "someone/not valid!", "repo_id 'someone/not valid!' is not a valid Hub repository id"),
+    "repo id with three parts": (None, "a/b/c", "repo_id 'a/b/c' is not a valid Hub repository id"),
+    "source license unknown": (record_unknown_license, "someone/tiny-longnet", "names no license: give the source"),
+    "staging folder not staged here": (stage_something_else, "someone/tiny-longnet", "was not staged by this script"),
+}
+
+
+@pytest.mark.parametrize("case", list(PUSH_ERRORS))
+def test_push_refuses_bad_input_and_stages_nothing(case, model_folder, tmp_path, monkeypatch, capsys):
+    breaks, repo_id, message = PUSH_ERRORS[case]
+    if breaks:
+        breaks(model_folder)
+    staging = tmp_path / "stage"
+    with pytest.raises(SystemExit) as stopped:
+        push([str(model_folder), repo_id, "--dry-run", "--staging_dir", str(staging)], monkeypatch)
+    assert stopped.value.code == 2
+    captured = capsys.readouterr()
+    error = captured.err.strip().splitlines()[-1]
+    assert error.startswith("error: ") and message in error
+    assert "Traceback" not in captured.out + captured.err
+    if case == "staging folder not staged here":
+        assert [p.name for p in staging.iterdir()] == ["notes.txt"]  # left as it was
+    else:
+        assert not staging.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no partial staging
+
+
+def test_card_states_the_recorded_data_and_nothing_more(model_folder):
+    """With --validation_file nothing is split off: the card says what training_info.json records, and no
+    "held-out part" of the training data."""
+    from longnet.hub import render_model_card
+
+    data = "3 local files (a.py b.py c.py), validation: 1 files (v.py)"
+    (model_folder / "training_info.json").write_text(json.dumps({"training_data": data}))
+    card = ModelCard(render_model_card(ROOT / "model_cards" / "longnet.md", model_folder, repo_id="someone/x"))
+    assert f"| data | {data} |" in card.text and "held-out" not in str(card)
+    assert card.data.to_dict()["model-index"][0]["results"][0]["dataset"]["name"] == data
+    assert card.data.license == "apache-2.0"  # trained here: no source license recorded
+
+
 def package_imports(name: str, seen: set[str]) -> set[str]:
     """The package's files ``name`` needs: itself and, transitively, every ``from .module import``."""
     seen.add(name)
@@ -370,15 +495,23 @@ def test_every_folder_writer_writes_the_files_remote_code_needs(model_folder, tm
 
 
 def test_dry_run_stages_a_folder_that_loads_without_the_package(model_folder, tmp_path, monkeypatch, capsys):
+    import push_to_hub
+
     staging = tmp_path / "stage"
     calls = push([str(model_folder), "someone/tiny-longnet", "--dry-run", "--staging_dir", str(staging)], monkeypatch)
     assert "commit" not in calls and "repo" not in calls
     listed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert listed["files"] == sorted(p.name for p in staging.iterdir())
+    assert listed["files"] == sorted(p.name for p in staging.iterdir() if p.name != push_to_hub.STAGING_MARKER)
     script = LOADS_WITHOUT_THE_PACKAGE
     result = subprocess.run([sys.executable, "-c", script, str(staging)], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().startswith("x = ")
+    # A second dry run replaces what the first staged (the standalone load is checked above).
+    (staging / "leftover.txt").write_text("from the first run")
+    monkeypatch.setattr(push_to_hub, "check_loads_standalone", lambda folder: {"class": "LongNetForCausalLM"})
+    push([str(model_folder), "someone/tiny-longnet", "--dry-run", "--staging_dir", str(staging)], monkeypatch)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["files"] == listed["files"]
+    assert not (staging / "leftover.txt").exists()
 
 
 def test_command_lines_are_recorded_without_secrets(monkeypatch):
@@ -427,6 +560,7 @@ def test_push_redacts_a_recorded_token_and_refuses_one_in_a_binary_file(model_fo
     assert stopped.value.code == 2
     error = capsys.readouterr().err
     assert "extra.bin holds a secret-looking string" in error and token not in error
+    assert not (tmp_path / "stage2").exists()
 
 
 def test_push_refuses_a_folder_without_remote_code(model_folder, monkeypatch):
