@@ -92,7 +92,7 @@ def convert_config(
         dropped.append(f"sliding_window={values['sliding_window']}")
     if fields.pop("attention_dropout", 0):
         dropped.append(f"attention_dropout={values['attention_dropout']}")
-    changed = drop_token_ids_outside_vocabulary(fields)
+    changed = drop_token_ids_outside_vocabulary(fields, fields["vocab_size"])
     try:
         config = LongNetConfig(**fields, segment_lengths=segment_lengths, dilation_rates=dilation_rates)
     except ValueError as error:
@@ -102,15 +102,17 @@ def convert_config(
     return config, model_type, dropped, changed
 
 
-def drop_token_ids_outside_vocabulary(fields: dict) -> list[str]:
+def drop_token_ids_outside_vocabulary(fields: dict, vocab_size: int) -> list[str]:
     """Sets special token ids outside the vocabulary (``pad_token_id: -1`` of many Llama checkpoints) to None,
     dropping them from an eos list; returns what changed. transformers only warns about such ids, and
-    LongNetConfig refuses them; None is what they mean (no such token), with the same forward pass."""
+    LongNetConfig refuses them; None is what they mean (no such token), with the same forward pass. Used
+    for config.json and generation_config.json alike, so generation does not pad with an id the model
+    lacks."""
     changed = []
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = fields.get(name)
         ids = value if isinstance(value, list) else [value]
-        kept = [i for i in ids if i is None or 0 <= i < fields["vocab_size"]]
+        kept = [i for i in ids if i is None or 0 <= i < vocab_size]
         if kept != ids:
             fields[name] = kept if isinstance(value, list) and kept else None
             changed.append(f"{name}={value!r} -> {fields[name]!r} (outside the vocabulary)")
@@ -191,6 +193,12 @@ def convert(args: argparse.Namespace) -> None:
         for name in TOKENIZER_FILES:
             if (source / name).exists():
                 shutil.copy(source / name, folder / name)
+        generation_path = folder / "generation_config.json"
+        if generation_path.exists():
+            generation = json.loads(generation_path.read_text())
+            if generation_changes := drop_token_ids_outside_vocabulary(generation, config.vocab_size):
+                generation_path.write_text(json.dumps(generation, indent=2))
+                changed += [f"generation_config.json {change}" for change in generation_changes]
         summary = {"converted from": str(source), "dropped": ", ".join(dropped) or "nothing"}
         if changed:
             summary["changed"] = ", ".join(changed)

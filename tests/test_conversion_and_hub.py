@@ -234,11 +234,15 @@ def test_conversion_sets_token_ids_outside_the_vocabulary_to_none_and_keeps_the_
     source_model("llama", tmp_path / "src", tokenizer)
     config = json.loads((tmp_path / "src" / "config.json").read_text())
     (tmp_path / "src" / "config.json").write_text(json.dumps({**config, "pad_token_id": -1}))
+    generation = json.loads((tmp_path / "src" / "generation_config.json").read_text())
+    (tmp_path / "src" / "generation_config.json").write_text(json.dumps({**generation, "pad_token_id": -1}))
     (tmp_path / "src" / "README.md").write_text("---\nlicense: llama3.1\n---\n# A Llama\n")
     result = convert(tmp_path / "src", tmp_path / "dst", "--segment_lengths", "64", "--dilation_rates", "1")
     assert "changed: pad_token_id=-1 -> None (outside the vocabulary)" in result.stdout
     assert "license: llama3.1" in result.stdout
-    assert json.loads((tmp_path / "dst" / "config.json").read_text())["pad_token_id"] is None
+    assert "generation_config.json pad_token_id=-1 -> None" in result.stdout
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "dst" / name).read_text())["pad_token_id"] is None, name
     assert json.loads((tmp_path / "dst" / "training_info.json").read_text())["license"] == {"license": "llama3.1"}
     import push_to_hub  # the standalone load is tested on converted folders above; here: the card
 
