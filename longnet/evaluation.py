@@ -10,13 +10,21 @@ import torch
 from tqdm.auto import tqdm
 
 
+def check_context_lengths(lengths: list[int], flag: str) -> None:
+    """A window predicts its tokens 2..L: below 2 there is nothing to score (the perplexity would divide by zero)."""
+    too_short = [length for length in lengths if length < 2]
+    if too_short:
+        raise ValueError(f"{flag} must be at least 2 tokens each, got {' '.join(map(str, too_short))}")
+
+
 def evaluation_documents(
     token_lists: list[list[int]], lengths: list[int], max_documents: int
-) -> tuple[list[list[int]], list[int]]:
+) -> tuple[list[list[int]], list[int], str]:
     """Picks documents long enough for the longest usable context and cuts them to that length.
 
-    Lengths longer than every document are dropped. Every length is then scored on exactly these
-    documents, so the numbers compare.
+    Every length is then scored on exactly these documents, so the numbers compare. Lengths longer
+    than every document are left out and said so in the returned note ("" when none is), for the
+    output and the report: a length must not vanish from a table without a word.
     """
     longest = max((len(tokens) for tokens in token_lists), default=0)
     usable = sorted(length for length in set(lengths) if length <= longest)
@@ -24,7 +32,14 @@ def evaluation_documents(
         raise ValueError(f"no document has {min(lengths)} tokens (the longest has {longest})")
     span = usable[-1]
     documents = [tokens[:span] for tokens in token_lists if len(tokens) >= span][:max_documents]
-    return documents, usable
+    skipped = sorted(set(lengths) - set(usable))
+    note = (
+        f"Context length{'s' if len(skipped) > 1 else ''} {', '.join(map(str, skipped))} skipped: longer than every "
+        f"document (the longest has {longest} tokens)."
+        if skipped
+        else ""
+    )
+    return documents, usable, note
 
 
 @torch.no_grad()

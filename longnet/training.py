@@ -7,19 +7,39 @@ Used by ``scripts/train.py`` and ``scripts/evaluate.py``; not needed to load or 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import datasets
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerFast, Trainer
 
+from .hub import redact
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".java", ".js", ".ts", ".go", ".rs"}
 TABLE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+# What a saved tokenizer leaves in a folder (any one of them): without one, AutoTokenizer fails late with a
+# traceback, or builds an empty tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def fail(message: str) -> NoReturn:
+    """Stops a script with one ``error:`` line (secrets redacted) and exit code 2, as argparse does."""
+    print(f"error: {redact(message)}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def lacks_tokenizer(name: str) -> bool:
+    """Whether ``name`` is a local folder without tokenizer files (a Hub id is not checked here)."""
+    folder = Path(name)
+    return folder.is_dir() and not any((folder / file).exists() for file in TOKENIZER_FILES)
 
 
 def stdlib_python_files() -> list[str]:
@@ -33,7 +53,11 @@ def stdlib_python_files() -> list[str]:
 
 
 def expand_paths(paths: Iterable[str]) -> list[str]:
-    """Files named directly, plus the text, code and table files found under named folders."""
+    """Files named directly, plus the text, code and table files found under named folders.
+
+    A text or code file that is not UTF-8 text (binary, or another encoding) is skipped with a warning:
+    decoded anyway it would train on replacement characters."""
+    paths = list(paths)
     files = []
     for name in paths:
         path = Path(name)
@@ -45,17 +69,50 @@ def expand_paths(paths: Iterable[str]) -> list[str]:
             files.append(str(path))
         else:
             raise FileNotFoundError(f"data path {name!r} does not exist")
+    skipped = [f for f in files if Path(f).suffix not in TABLE_SUFFIXES and not _is_utf8_text(f)]
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        print(f"warning: skipped {len(skipped)} file(s) that are not UTF-8 text: {shown}", file=sys.stderr)
+        files = [f for f in files if f not in set(skipped)]
     if not files:
-        raise FileNotFoundError(f"no data files found in {list(paths)}")
+        suffixes = " ".join(sorted(TEXT_SUFFIXES | set(TABLE_SUFFIXES)))
+        raise FileNotFoundError(f"no readable data files in {', '.join(paths)} (UTF-8 text or tables: {suffixes})")
     return files
 
 
+def _is_utf8_text(file: str) -> bool:
+    data = Path(file).read_bytes()
+    if b"\0" in data:
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def split_by_file(files: list[str], validation_percentage: float) -> tuple[list[str], list[str]]:
-    """A deterministic train/validation split by file (a file's hash decides), so no document is in both."""
+    """A deterministic train/validation split by file (a file's hash decides), so no document is in both.
+
+    A split that leaves either side empty is refused, with the percentage that would hold out a file, rather
+    than a file picked here: the user decides what is held out."""
     validation = [f for f in files if _hash_fraction(f) < validation_percentage / 100]
     train = [f for f in files if f not in set(validation)]
-    if not validation or not train:
-        raise ValueError(f"validation_split_percentage={validation_percentage} leaves a split empty")
+    given = f"--validation_split_percentage {validation_percentage:g}"
+    if len(files) == 1:
+        raise ValueError(
+            f"one data file ({files[0]}) cannot be split by file into train and validation: pass --validation_file"
+        )
+    if not train:
+        raise ValueError(
+            f"{given} holds out all {len(files)} data files: pass --validation_file or a smaller percentage"
+        )
+    if not validation:
+        needed = math.floor(min(_hash_fraction(f) for f in files) * 100) + 1
+        raise ValueError(
+            f"{given} holds out none of the {len(files)} data files (the split is by file): pass --validation_file, "
+            f"or --validation_split_percentage {needed} or more"
+        )
     return train, validation
 
 
@@ -66,18 +123,21 @@ def _hash_fraction(name: str) -> float:
 
 def load_documents(files: list[str], text_column: str = "text") -> datasets.Dataset:
     """One example per document: a whole text/code file, or a row of a json/jsonl/parquet/csv file."""
-    kinds = {TABLE_SUFFIXES.get(Path(f).suffix, "text") for f in files}
+    kinds = {TABLE_SUFFIXES.get(Path(f).suffix, "text"): f for f in files}
     if len(kinds) > 1:
-        raise ValueError(f"mix of file kinds {sorted(kinds)}: pass text files or table files, not both")
-    kind = kinds.pop()
+        found = ", ".join(f"{kind} ({file})" for kind, file in sorted(kinds.items()))
+        raise ValueError(f"a mix of file kinds: {found}; pass files of one kind (text/code, json, parquet or csv)")
+    kind = next(iter(kinds))
     if kind == "text":
+        # expand_paths has skipped non-UTF-8 files of the user's data; "replace" only reads the standard
+        # library's few non-UTF-8 test files in the main job as its published results were made.
         dataset = datasets.load_dataset(
             "text", data_files=files, sample_by="document", split="train", encoding_errors="replace"
         )
     else:
         dataset = datasets.load_dataset(kind, data_files=files, split="train")
     if text_column not in dataset.column_names:
-        raise ValueError(f"text_column {text_column!r} not in the data's columns {dataset.column_names}")
+        raise ValueError(f"--text_column {text_column!r} is not a column of the data (columns: {dataset.column_names})")
     dataset = dataset.select_columns([text_column])
     if text_column != "text":
         dataset = dataset.rename_column(text_column, "text")

@@ -1,7 +1,8 @@
 """Perplexity of causal LM folders (LongNet or dense) by context length, side by side.
 
 Every model is scored on the same held-out documents at every length, read in independent windows
-of that length. Writes ``{out}.md`` (table), ``{out}.json`` and ``{out}.png`` (plot).
+of that length. Writes ``{out}.md`` (table), ``{out}.json`` and ``{out}.png`` (plot). A length longer
+than every document is skipped, and the output and the table's notes say so.
 
     python scripts/evaluate.py outputs/longnet-stdlib outputs/llama-stdlib --out docs/results/stdlib_perplexity
     python scripts/evaluate.py MODEL --validation_file held_out/ --context_lengths 1024 4096 16384
@@ -17,8 +18,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import longnet  # noqa: F401  (registers LongNet with the Auto classes)
-from longnet.evaluation import evaluation_documents, perplexity_by_context, write_report
-from longnet.training import expand_paths, load_documents, split_by_file, stdlib_python_files
+from longnet.evaluation import check_context_lengths, evaluation_documents, perplexity_by_context, write_report
+from longnet.training import (
+    TOKENIZER_FILES,
+    expand_paths,
+    fail,
+    lacks_tokenizer,
+    load_documents,
+    split_by_file,
+    stdlib_python_files,
+)
 
 
 def main() -> None:
@@ -38,25 +47,41 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--trust_remote_code", action="store_true")
     parser.add_argument("--out", default="perplexity_by_context")
+    parser.error = fail  # an unknown flag or bad value: one error line
     args = parser.parse_args()
 
     names = args.names or [Path(m).name for m in args.models]
     if len(names) != len(args.models):
-        parser.error(f"--names gives {len(names)} names for {len(args.models)} models")
+        fail(f"--names gives {len(names)} names for {len(args.models)} models")
     for folder in args.models:
         if not (Path(folder) / "config.json").exists():
-            parser.error(f"{folder!r} is not a model folder (no config.json)")
-    if args.validation_file:
-        files = expand_paths(args.validation_file)
-    else:
-        files = split_by_file(stdlib_python_files(), args.validation_split_percentage)[1]
-    tokenizer = AutoTokenizer.from_pretrained(
-        args.tokenizer_name or args.models[0], trust_remote_code=args.trust_remote_code
-    )
-    texts = load_documents(files, args.text_column)["text"]
+            fail(f"{folder!r} is not a model folder (no config.json)")
+    tokenizer_source = args.tokenizer_name or args.models[0]
+    if lacks_tokenizer(tokenizer_source):
+        fail(
+            f"{tokenizer_source!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "pass --tokenizer_name with the folder of the tokenizer the model was trained with"
+        )
+    if args.max_documents < 1:
+        fail(f"--max_documents must be at least 1, got {args.max_documents}")
+    try:
+        check_context_lengths(args.context_lengths, "--context_lengths")
+        if args.validation_file:
+            files = expand_paths(args.validation_file)
+        else:
+            files = split_by_file(stdlib_python_files(), args.validation_split_percentage)[1]
+        texts = load_documents(files, args.text_column)["text"]
+    except (OSError, ValueError) as error:
+        fail(str(error))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=args.trust_remote_code)
     token_lists = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    documents, lengths = evaluation_documents(token_lists, args.context_lengths, args.max_documents)
+    try:
+        documents, lengths, skipped = evaluation_documents(token_lists, args.context_lengths, args.max_documents)
+    except ValueError as error:
+        fail(f"--context_lengths: {error}")
     print(f"{len(documents)} documents of {lengths[-1]} tokens; context lengths {lengths}")
+    if skipped:
+        print(skipped)
 
     results = {}
     for name, folder in zip(names, args.models, strict=True):
@@ -81,7 +106,7 @@ def main() -> None:
         Path(args.out),
         title="Validation perplexity by context length",
         notes=f"{len(documents)} held-out documents of {lengths[-1]} tokens each, read in independent windows "
-        f"of each length ({args.dtype}).",
+        f"of each length ({args.dtype}). {skipped}".strip(),
     )
     print(f"wrote {args.out}.md, {args.out}.json, {args.out}.png")
 

@@ -48,12 +48,16 @@ from transformers import (
 
 import longnet  # noqa: F401  (registers LongNet with the Auto classes)
 from longnet import LongNetConfig, LongNetForCausalLM
-from longnet.evaluation import evaluation_documents, perplexity_by_context, write_report
+from longnet.dilated_attention import check_branches
+from longnet.evaluation import check_context_lengths, evaluation_documents, perplexity_by_context, write_report
 from longnet.hub import is_secret_name, redact, redact_command_line, render_model_card
 from longnet.sequence_parallel import check_split
 from longnet.training import (
+    TOKENIZER_FILES,
     SequenceParallelTrainer,
     expand_paths,
+    fail,
+    lacks_tokenizer,
     load_documents,
     pack_documents,
     sequence_parallel_group,
@@ -175,14 +179,10 @@ class LongNetTrainingArguments(TrainingArguments):
     )
 
 
-def fail(message: str) -> None:
-    print(f"error: {redact(message)}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser((ModelArguments, DataArguments, LongNetTrainingArguments))
+    parser.error = fail  # an unknown flag or bad value: one line, not a usage of every TrainingArguments flag
     given = given_arguments(parser, argv)
     model_args, data_args, training_args = build_arguments(parser, given)
     if training_args.resume_from_checkpoint:
@@ -350,8 +350,24 @@ def check_arguments(model_args, data_args, training_args) -> None:
         path = getattr(model_args, name)
         if path and not Path(path).exists() and (Path(path).is_absolute() or path.startswith(".")):
             fail(f"--{name} {path!r} does not exist")
+    tokenizer_source = model_args.tokenizer_name or model_args.model_name_or_path
+    if tokenizer_source and lacks_tokenizer(tokenizer_source):
+        name = "tokenizer_name" if model_args.tokenizer_name else "model_name_or_path"
+        fail(
+            f"--{name} {tokenizer_source!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "pass --tokenizer_name with the folder of the tokenizer to use"
+        )
     if data_args.block_size <= 1:
         fail(f"--block_size must be at least 2, got {data_args.block_size}")
+    try:
+        check_branches(model_args.segment_lengths, model_args.dilation_rates)
+    except ValueError as error:
+        branches = " ".join(map(str, model_args.segment_lengths)), " ".join(map(str, model_args.dilation_rates))
+        fail(f"--segment_lengths {branches[0]} --dilation_rates {branches[1]}: {error}")
+    try:
+        check_context_lengths(data_args.eval_context_lengths, "--eval_context_lengths")
+    except ValueError as error:
+        fail(str(error))
     check_sequence_parallel(model_args, data_args, training_args)
     output_dir = Path(training_args.output_dir)
     if (
@@ -433,22 +449,32 @@ def load_data(data_args) -> tuple[datasets.Dataset, datasets.Dataset, str]:
         validation = validation.select_columns([data_args.text_column]).rename_column(data_args.text_column, "text")
         description = f"the Hub dataset {data_args.dataset_name}"
     else:
-        if data_args.train_file:
-            files = expand_paths(data_args.train_file)
-            description = f"{len(files)} local files ({', '.join(data_args.train_file)})"
-        else:
-            files = stdlib_python_files()
-            version = f"{sys.version_info.major}.{sys.version_info.minor}"
-            description = f"the Python {version} standard library's {len(files)} .py files"
-        if data_args.validation_file:
-            train_files, validation_files = files, expand_paths(data_args.validation_file)
-        else:
-            train_files, validation_files = split_by_file(files, data_args.validation_split_percentage)
-        description += f", split by file: {len(train_files)} train / {len(validation_files)} validation"
-        train = load_documents(train_files, data_args.text_column)
-        validation = load_documents(validation_files, data_args.text_column)
+        try:
+            train, validation, description = local_documents(data_args)
+        except (OSError, ValueError) as error:  # no readable file, an empty split, a missing column, mixed kinds
+            fail(str(error))
     if data_args.max_train_documents is not None:
         train = train.select(range(min(data_args.max_train_documents, len(train))))
+    return train, validation, description
+
+
+def local_documents(data_args) -> tuple[datasets.Dataset, datasets.Dataset, str]:
+    """Train and validation documents from --train_file (default: the standard library) and --validation_file."""
+    if data_args.train_file:
+        files = expand_paths(data_args.train_file)
+        description = f"{len(files)} local files ({', '.join(data_args.train_file)})"
+    else:
+        files = stdlib_python_files()
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        description = f"the Python {version} standard library's {len(files)} .py files"
+    if data_args.validation_file:
+        train_files, validation_files = files, expand_paths(data_args.validation_file)
+        description += f", validation: {len(validation_files)} files ({', '.join(data_args.validation_file)})"
+    else:
+        train_files, validation_files = split_by_file(files, data_args.validation_split_percentage)
+        description += f", split by file: {len(train_files)} train / {len(validation_files)} validation"
+    train = load_documents(train_files, data_args.text_column)
+    validation = load_documents(validation_files, data_args.text_column)
     return train, validation, description
 
 
@@ -540,19 +566,21 @@ def check_batches(blocks: int, block_size: int, training_args) -> None:
 def evaluate_by_context(model, tokenizer, validation_docs, data_args, output_dir: Path) -> None:
     token_lists = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in validation_docs["text"]]
     try:
-        documents, lengths = evaluation_documents(
+        documents, lengths, skipped = evaluation_documents(
             token_lists, data_args.eval_context_lengths, data_args.eval_max_documents
         )
     except ValueError as error:
         print(f"perplexity by context length skipped: {error}")
         return
+    if skipped:
+        print(skipped)
     results = perplexity_by_context(model, documents, lengths, description="by context length")
     write_report(
         {"model": results},
         output_dir / "perplexity_by_context",
         title=f"Validation perplexity by context length ({type(model).__name__})",
         notes=f"{len(documents)} held-out documents of {lengths[-1]} tokens each, read in windows of each length; "
-        f"trained with {data_args.block_size}-token sequences.",
+        f"trained with {data_args.block_size}-token sequences. {skipped}".strip(),
     )
     print("\nValidation perplexity by context length:")
     print(f"{'context':>8} {'perplexity':>11}")

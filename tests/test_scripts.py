@@ -335,26 +335,23 @@ def test_sequence_parallel_training_matches_one_process(corpus, tmp_path, proces
     torch.testing.assert_close(reloaded(ids).logits, trained(ids).logits, atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--train_file", "/no/such/folder"], "--train_file '/no/such/folder' does not exist"),
-        (["--block_size", "2048"], "--block_size 2048 is larger than the model supports"),
-        (["--vocab_size", "2000", "--config_name", "{small_config}"], "the tokenizer has"),
-        (["--attention", "sparse"], "--attention must be 'dilated' or 'dense'"),
-        (["--sequence_parallel_size", "3"], "--sequence_parallel_size 3 must divide the number of processes (1)"),
-        (["--sequence_parallel_size", "2", "--attention", "dense"], "needs --attention dilated"),
-        (
-            ["--sequence_parallel_size", "2", "--document_boundaries", "true"],
-            "it cannot keep packed documents apart",
-        ),
-    ],
-)
-def test_bad_arguments_stop_before_training(corpus, tmp_path, extra, message):
+def bad_inputs(folder: Path) -> dict[str, str]:
+    """Small inputs a user gets wrong, made in ``folder``; the keys are the placeholders of the cases below."""
     from longnet import LongNetConfig
 
-    small = tmp_path / "small.json"
-    LongNetConfig(
+    code = "".join(f"square_{i} = {i} * {i}\n" for i in range(40))
+    paths = {name: folder / name for name in ("one.py", "two", "unreadable", "mixed", "untokenized", "small.json")}
+    paths["one.py"].write_text(code)
+    for name in ("two", "unreadable", "mixed", "untokenized"):
+        paths[name].mkdir()
+    for name in ("a.py", "b.py"):
+        (paths["two"] / name).write_text(code)
+    (paths["unreadable"] / "image.txt").write_bytes(bytes(range(256)) * 4)  # binary
+    (paths["unreadable"] / "old.py").write_bytes("caf\xe9 = 1\n".encode("latin-1") * 20)  # not UTF-8
+    (paths["unreadable"] / "notes.bin").write_text(code)  # not a data file kind
+    (paths["mixed"] / "a.py").write_text(code)
+    (paths["mixed"] / "b.jsonl").write_text(json.dumps({"text": code}) + "\n")
+    small = LongNetConfig(
         vocab_size=300,
         hidden_size=32,
         intermediate_size=64,
@@ -362,14 +359,105 @@ def test_bad_arguments_stop_before_training(corpus, tmp_path, extra, message):
         num_attention_heads=2,
         segment_lengths=[16],
         dilation_rates=[1],
-    ).to_json_file(small)
-    extra = [e.format(small_config=small) for e in extra]
+    )
+    small.to_json_file(paths["small.json"])
+    small.save_pretrained(paths["untokenized"])
+    return {name.split(".")[0]: str(path) for name, path in paths.items()}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--train_file", "/no/such/folder"], "--train_file '/no/such/folder' does not exist"),
+        (["--block_size", "2048"], "--block_size 2048 is larger than the model supports"),
+        (["--vocab_size", "2000", "--config_name", "{small}"], "the tokenizer has"),
+        (["--attention", "sparse"], "--attention must be 'dilated' or 'dense'"),
+        (["--sequence_parallel_size", "3"], "--sequence_parallel_size 3 must divide the number of processes (1)"),
+        (["--sequence_parallel_size", "2", "--attention", "dense"], "needs --attention dilated"),
+        (
+            ["--sequence_parallel_size", "2", "--document_boundaries", "true"],
+            "it cannot keep packed documents apart",
+        ),
+        (["--train_file", "{one}"], "one data file ({one}) cannot be split by file into train and validation"),
+        (
+            ["--train_file", "{two}", "--validation_split_percentage", "0.01"],
+            "--validation_split_percentage 0.01 holds out none of the 2 data files",
+        ),
+        (["--train_file", "{unreadable}"], "no readable data files in {unreadable}"),
+        (
+            ["--train_file", "{one}", "--validation_file", "{one}", "--text_column", "code"],
+            "--text_column 'code' is not a column of the data",
+        ),
+        (["--train_file", "{mixed}", "--validation_file", "{one}"], "a mix of file kinds: json ({mixed}/b.jsonl)"),
+        (["--dilation_rates", "1", "2", "0"], "--dilation_rates 1 2 0: dilation_rates must hold positive integers"),
+        (["--model_name_or_path", "{untokenized}"], "--model_name_or_path '{untokenized}' has no tokenizer"),
+        (["--no_such_flag", "1"], "error: unrecognized arguments: --no_such_flag 1"),
+    ],
+)
+def test_bad_arguments_stop_before_training(corpus, tmp_path, extra, message):
+    """Each bad input is one error line naming the flag or file, exit code 2, no traceback, and no output_dir
+    left behind to block the corrected rerun."""
+    inputs = bad_inputs(tmp_path)
+    extra, message = [e.format(**inputs) for e in extra], message.format(**inputs)
     out = tmp_path / "out"
     args = ["--train_file", str(corpus), *TINY_ARGS, "--output_dir", str(out), "--max_steps", "4", *extra]
     result = run([sys.executable, TRAIN, *args], check=False)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr
-    assert not list(out.glob("checkpoint-*"))
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+    assert not out.exists()
+    if "unreadable" in extra[-1]:
+        assert "warning: skipped 2 file(s) that are not UTF-8 text" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random LongNet too small to mean anything, with a tokenizer trained on two lines: for evaluate.py."""
+    from longnet import LongNetConfig, LongNetForCausalLM
+    from longnet.training import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_model")
+    tokenizer = train_tokenizer(iter(["def f(x):\n    return x + 1\n", "square = 3 * 3\n"]), 300)
+    config = LongNetConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        segment_lengths=[16, 32],
+        dilation_rates=[1, 2],
+    )
+    LongNetForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "extra, message, code",
+    [
+        (
+            ["--context_lengths", "32", "0", "-64"],
+            "error: --context_lengths must be at least 2 tokens each, got 0 -64",
+            2,
+        ),
+        (["--context_lengths", "32", "64", "100000"], "Context length 100000 skipped: longer than every document", 0),
+        (["--tokenizer_name", "{untokenized}"], "'{untokenized}' has no tokenizer", 2),
+    ],
+)
+def test_evaluate_bad_inputs(tiny_model, tmp_path, extra, message, code):
+    """A bad input is one error line and writes no report; a length longer than every document is reported."""
+    inputs = bad_inputs(tmp_path)
+    extra, message = [e.format(**inputs) for e in extra], message.format(**inputs)
+    out = tmp_path / "report" / "perplexity"
+    args = [str(tiny_model), "--validation_file", inputs["two"], "--out", str(out), *extra]
+    result = run([sys.executable, EVALUATE, *args], check=False)
+    assert result.returncode == code, result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert message in result.stdout + result.stderr
+    if code:
+        assert result.stderr.strip().splitlines()[-1].startswith("error: ") and not out.parent.exists()
+    else:
+        assert message in out.with_suffix(".md").read_text() and "| 64 |" in out.with_suffix(".md").read_text()
 
 
 def test_existing_output_dir_is_never_overwritten(corpus, tmp_path):
