@@ -181,7 +181,8 @@ class LongNetTrainingArguments(TrainingArguments):
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ModelArguments, DataArguments, LongNetTrainingArguments))
+    # No abbreviations: a mistyped flag (--segment_length) is an error, not silently another flag.
+    parser = HfArgumentParser((ModelArguments, DataArguments, LongNetTrainingArguments), allow_abbrev=False)
     parser.error = fail  # an unknown flag or bad value: one line, not a usage of every TrainingArguments flag
     given = given_arguments(parser, argv)
     model_args, data_args, training_args = build_arguments(parser, given)
@@ -368,6 +369,21 @@ def check_arguments(model_args, data_args, training_args) -> None:
         check_context_lengths(data_args.eval_context_lengths, "--eval_context_lengths")
     except ValueError as error:
         fail(str(error))
+    if not (model_args.model_name_or_path or model_args.config_name):
+        try:  # the model's shape, before any tokenizer is trained (the vocabulary size comes later)
+            LongNetConfig(
+                vocab_size=model_args.vocab_size,
+                hidden_size=model_args.hidden_size,
+                intermediate_size=model_args.intermediate_size,
+                num_hidden_layers=model_args.num_hidden_layers,
+                num_attention_heads=model_args.num_attention_heads,
+                num_key_value_heads=model_args.num_key_value_heads,
+                max_position_embeddings=model_args.max_position_embeddings,
+                segment_lengths=model_args.segment_lengths,
+                dilation_rates=model_args.dilation_rates,
+            )
+        except ValueError as error:
+            fail(f"model size flags (--hidden_size, --num_attention_heads, ...): {error}")
     check_sequence_parallel(model_args, data_args, training_args)
     output_dir = Path(training_args.output_dir)
     if (

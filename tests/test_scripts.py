@@ -392,6 +392,8 @@ def bad_inputs(folder: Path) -> dict[str, str]:
         (["--dilation_rates", "1", "2", "0"], "--dilation_rates 1 2 0: dilation_rates must hold positive integers"),
         (["--model_name_or_path", "{untokenized}"], "--model_name_or_path '{untokenized}' has no tokenizer"),
         (["--no_such_flag", "1"], "error: unrecognized arguments: --no_such_flag 1"),
+        (["--segment_length", "16"], "error: unrecognized arguments: --segment_length 16"),  # no abbreviations
+        (["--hidden_size", "33"], "hidden_size (33) must be a multiple of num_attention_heads (2)"),
     ],
 )
 def test_bad_arguments_stop_before_training(corpus, tmp_path, extra, message):
