@@ -20,14 +20,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerFast, Trainer
 
-from .hub import redact
+from .hub import has_tokenizer, redact
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".java", ".js", ".ts", ".go", ".rs"}
 TABLE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
-# What a saved tokenizer leaves in a folder (any one of them): without one, AutoTokenizer fails late with a
-# traceback, or builds an empty tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def fail(message: str) -> NoReturn:
@@ -38,8 +35,7 @@ def fail(message: str) -> NoReturn:
 
 def lacks_tokenizer(name: str) -> bool:
     """Whether ``name`` is a local folder without tokenizer files (a Hub id is not checked here)."""
-    folder = Path(name)
-    return folder.is_dir() and not any((folder / file).exists() for file in TOKENIZER_FILES)
+    return Path(name).is_dir() and not has_tokenizer(name)
 
 
 def stdlib_python_files() -> list[str]:

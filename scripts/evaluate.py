@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import longnet  # noqa: F401  (registers LongNet with the Auto classes)
 from longnet.evaluation import check_context_lengths, evaluation_documents, perplexity_by_context, write_report
+from longnet.hub import TOKENIZER_VOCABULARY_FILES
 from longnet.training import (
-    TOKENIZER_FILES,
     expand_paths,
     fail,
     lacks_tokenizer,
@@ -59,7 +59,7 @@ def main() -> None:
     tokenizer_source = args.tokenizer_name or args.models[0]
     if lacks_tokenizer(tokenizer_source):
         fail(
-            f"{tokenizer_source!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            f"{tokenizer_source!r} has no tokenizer (none of {', '.join(TOKENIZER_VOCABULARY_FILES)}); "
             "pass --tokenizer_name with the folder of the tokenizer the model was trained with"
         )
     if args.max_documents < 1:

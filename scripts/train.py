@@ -50,10 +50,9 @@ import longnet  # noqa: F401  (registers LongNet with the Auto classes)
 from longnet import LongNetConfig, LongNetForCausalLM
 from longnet.dilated_attention import check_branches
 from longnet.evaluation import check_context_lengths, evaluation_documents, perplexity_by_context, write_report
-from longnet.hub import is_secret_name, redact, redact_command_line, render_model_card
+from longnet.hub import TOKENIZER_VOCABULARY_FILES, is_secret_name, redact, redact_command_line, render_model_card
 from longnet.sequence_parallel import check_split
 from longnet.training import (
-    TOKENIZER_FILES,
     SequenceParallelTrainer,
     expand_paths,
     fail,
@@ -355,7 +354,7 @@ def check_arguments(model_args, data_args, training_args) -> None:
     if tokenizer_source and lacks_tokenizer(tokenizer_source):
         name = "tokenizer_name" if model_args.tokenizer_name else "model_name_or_path"
         fail(
-            f"--{name} {tokenizer_source!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            f"--{name} {tokenizer_source!r} has no tokenizer (none of {', '.join(TOKENIZER_VOCABULARY_FILES)}); "
             "pass --tokenizer_name with the folder of the tokenizer to use"
         )
     if data_args.block_size <= 1:
