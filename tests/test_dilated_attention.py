@@ -60,7 +60,8 @@ def path_cases(cases):
     ]
 
 
-@pytest.mark.parametrize("backend, device, case", path_cases(CASES))
+# Interpreted Triton is checked in float32 by test_triton_matches_reference (gradients too); not again here.
+@pytest.mark.parametrize("backend, device, case", [p for p in path_cases(CASES) if p.values[:2] != ("triton", "cpu")])
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
 def test_matches_dense_reference_fp32(backend, device, case, is_causal):
     batch, heads, kv_heads, q_len, k_len, branches = CASES[case]
