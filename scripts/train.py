@@ -370,17 +370,7 @@ def check_arguments(model_args, data_args, training_args) -> None:
         fail(str(error))
     if not (model_args.model_name_or_path or model_args.config_name):
         try:  # the model's shape, before any tokenizer is trained (the vocabulary size comes later)
-            LongNetConfig(
-                vocab_size=model_args.vocab_size,
-                hidden_size=model_args.hidden_size,
-                intermediate_size=model_args.intermediate_size,
-                num_hidden_layers=model_args.num_hidden_layers,
-                num_attention_heads=model_args.num_attention_heads,
-                num_key_value_heads=model_args.num_key_value_heads,
-                max_position_embeddings=model_args.max_position_embeddings,
-                segment_lengths=model_args.segment_lengths,
-                dilation_rates=model_args.dilation_rates,
-            )
+            config_from_flags(model_args, model_args.vocab_size)
         except ValueError as error:
             fail(f"model size flags (--hidden_size, --num_attention_heads, ...): {error}")
     check_sequence_parallel(model_args, data_args, training_args)
@@ -509,6 +499,22 @@ def get_tokenizer(model_args, training_args, train_docs, checkpoint: str | None)
     return tokenizer[0]
 
 
+def config_from_flags(model_args, vocab_size: int, **fields) -> LongNetConfig:
+    """The LongNetConfig the size and branch flags describe (raises ValueError for a shape it refuses)."""
+    return LongNetConfig(
+        vocab_size=vocab_size,
+        hidden_size=model_args.hidden_size,
+        intermediate_size=model_args.intermediate_size,
+        num_hidden_layers=model_args.num_hidden_layers,
+        num_attention_heads=model_args.num_attention_heads,
+        num_key_value_heads=model_args.num_key_value_heads,
+        max_position_embeddings=model_args.max_position_embeddings,
+        segment_lengths=model_args.segment_lengths,
+        dilation_rates=model_args.dilation_rates,
+        **fields,
+    )
+
+
 def get_model(model_args, tokenizer, block_size: int):
     if model_args.model_name_or_path:
         return AutoModelForCausalLM.from_pretrained(
@@ -518,16 +524,9 @@ def get_model(model_args, tokenizer, block_size: int):
         path = Path(model_args.config_name)
         config = LongNetConfig.from_json_file(path) if path.is_file() else LongNetConfig.from_pretrained(path)
     else:
-        config = LongNetConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=model_args.hidden_size,
-            intermediate_size=model_args.intermediate_size,
-            num_hidden_layers=model_args.num_hidden_layers,
-            num_attention_heads=model_args.num_attention_heads,
-            num_key_value_heads=model_args.num_key_value_heads,
-            max_position_embeddings=model_args.max_position_embeddings,
-            segment_lengths=model_args.segment_lengths,
-            dilation_rates=model_args.dilation_rates,
+        config = config_from_flags(
+            model_args,
+            len(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
