@@ -30,7 +30,7 @@ from longnet.training import (
 )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="model folders")
     parser.add_argument("--names", nargs="+", help="column names (default: folder names)")
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--trust_remote_code", action="store_true")
     parser.add_argument("--out", default="perplexity_by_context")
     parser.error = fail  # an unknown flag or bad value: one error line
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     names = args.names or [Path(m).name for m in args.models]
     if len(names) != len(args.models):

@@ -1,5 +1,6 @@
 """scripts/train.py and scripts/evaluate.py, run as a user runs them, on a tiny corpus and model."""
 
+import importlib
 import json
 import os
 import shutil
@@ -396,20 +397,48 @@ def bad_inputs(folder: Path) -> dict[str, str]:
         (["--hidden_size", "33"], "hidden_size (33) must be a multiple of num_attention_heads (2)"),
     ],
 )
-def test_bad_arguments_stop_before_training(corpus, tmp_path, extra, message):
-    """Each bad input is one error line naming the flag or file, exit code 2, no traceback, and no output_dir
-    left behind to block the corrected rerun."""
+def test_bad_arguments_stop_before_training(corpus, tmp_path, capsys, extra, message):
+    """Each bad input is one error line naming the flag or file, exit code 2, and no output_dir left behind
+    to block the corrected rerun. Run in this process (train.main, imports paid once); the test below runs
+    one case as a process."""
     inputs = bad_inputs(tmp_path)
     extra, message = [e.format(**inputs) for e in extra], message.format(**inputs)
     out = tmp_path / "out"
     args = ["--train_file", str(corpus), *TINY_ARGS, "--output_dir", str(out), "--max_steps", "4", *extra]
+    code, output = run_main("train", args, capsys)
+    assert code == 2, output[-2000:]
+    assert output.strip().splitlines()[-1].startswith("error: ") and message in output
+    assert not out.exists()
+    if "unreadable" in extra[-1]:
+        assert "warning: skipped 2 file(s) that are not UTF-8 text" in output
+
+
+def test_a_bad_argument_stops_the_process_with_one_error_line(corpus, tmp_path):
+    out = tmp_path / "out"
+    args = ["--train_file", str(corpus), *TINY_ARGS, "--output_dir", str(out), "--attention", "sparse"]
     result = run([sys.executable, TRAIN, *args], check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stdout + result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: --attention must be 'dilated' or 'dense', got 'sparse'"]
     assert not out.exists()
-    if "unreadable" in extra[-1]:
-        assert "warning: skipped 2 file(s) that are not UTF-8 text" in result.stderr
+
+
+def run_main(script: str, argv: list[str], capsys) -> tuple[int, str]:
+    """``scripts/<script>.py``'s main(argv) in this process: its exit code (0 when it returns) and what it
+    printed, stdout then stderr. Any exception but SystemExit fails the test, as a traceback would."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        main = importlib.import_module(script).main
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    capsys.readouterr()
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
 
 
 @pytest.fixture(scope="module")
@@ -446,18 +475,17 @@ def tiny_model(tmp_path_factory) -> Path:
         (["--tokenizer_name", "{untokenized}"], "'{untokenized}' has no tokenizer", 2),
     ],
 )
-def test_evaluate_bad_inputs(tiny_model, tmp_path, extra, message, code):
+def test_evaluate_bad_inputs(tiny_model, tmp_path, capsys, extra, message, code):
     """A bad input is one error line and writes no report; a length longer than every document is reported."""
     inputs = bad_inputs(tmp_path)
     extra, message = [e.format(**inputs) for e in extra], message.format(**inputs)
     out = tmp_path / "report" / "perplexity"
     args = [str(tiny_model), "--validation_file", inputs["two"], "--out", str(out), *extra]
-    result = run([sys.executable, EVALUATE, *args], check=False)
-    assert result.returncode == code, result.stderr[-2000:]
-    assert "Traceback" not in result.stdout + result.stderr
-    assert message in result.stdout + result.stderr
+    got, output = run_main("evaluate", args, capsys)
+    assert got == code, output[-2000:]
+    assert message in output
     if code:
-        assert result.stderr.strip().splitlines()[-1].startswith("error: ") and not out.parent.exists()
+        assert output.strip().splitlines()[-1].startswith("error: ") and not out.parent.exists()
     else:
         assert message in out.with_suffix(".md").read_text() and "| 64 |" in out.with_suffix(".md").read_text()
 
