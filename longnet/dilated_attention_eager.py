@@ -37,7 +37,7 @@ def eager_dilated_attention(
     """Masked-softmax dilated attention; differentiable by plain autograd.
 
     Returns ``(out, lse)``, or ``(out, lse, weights)`` with ``weights (B, H, Lq, Lk)``, the merged
-    attention probabilities (a key reached by two branches gets both shares).
+    attention probabilities (a key reached by two branches gets both shares) in the input dtype.
     """
     batch, heads, q_len, head_dim = query.shape
     k_len = key.shape[2]
@@ -80,5 +80,7 @@ def eager_dilated_attention(
     out, lse, mix = merge_branches(torch.stack(outs), torch.stack(lses))
     if not return_weights:
         return out.to(query.dtype), lse
-    weights = (mix[..., None] * torch.stack(probs)).sum(0)
-    return out.to(query.dtype), lse, weights
+    # As in transformers' eager attention: weights in the input dtype, and the output computed from them
+    # (equal to the merged branch outputs), so gradients reach the weights a caller keeps.
+    weights = (mix[..., None] * torch.stack(probs)).sum(0).to(query.dtype)
+    return torch.matmul(weights, value), lse, weights

@@ -1,24 +1,28 @@
 """LongNet: a Llama-style decoder whose self-attention is dilated attention (arXiv 2307.02486).
 
+Built like transformers' ``models/llama/modeling_llama.py``, from the library's own layers and decorators.
 Module and parameter names are Llama's (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ...,
-`model.norm`, `lm_head`), so a Llama state dict loads unchanged.
+`model.norm`, `lm_head`), so a Llama state dict loads unchanged. The differences from Llama:
 
-Dilated attention counts positions from the start of each sequence. A batch row can hold padding
-(any `attention_mask` zeros) or several packed documents (`position_ids` restarting at 0, as from
-`DataCollatorWithFlattening`); the model then runs each document on its own, with positions counted
-from its first real token, so a padded or packed batch gives what each sequence gives alone.
+- attention is looked up by ``config._attn_implementation`` among LongNet's own functions
+  (``attention_interface.py``): ``"longnet_dilated"`` (the fused kernel, the default) or ``"eager"``;
+- no attention mask is built: dilated attention counts positions from the start of each sequence, so
+  the model finds, once per forward, the documents of a padded (``attention_mask`` zeros) or packed
+  (``position_ids`` restarting at 0, as from ``DataCollatorWithFlattening``) batch, and each document
+  runs on its own (``documents.py``): a padded or packed batch gives what each sequence gives alone;
+- the default cache is the bounded ``LongNetCache`` (``cache_longnet.py``);
+- one sequence can be split across processes (``sequence_parallel_group``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -27,11 +31,16 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.utils import auto_docstring, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
+from .attention_interface import ATTN_IMPLEMENTATION, eager_dilated_attention_forward
+from .cache_longnet import LongNetCache, trim_cache
 from .configuration_longnet import LongNetConfig
-from .dilated_attention import dilated_attention
-from .dilated_attention_eager import eager_dilated_attention
+from .documents import find_documents
 
 
 class LongNetRMSNorm(nn.Module):
@@ -103,227 +112,6 @@ class LongNetMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LongNetCacheLayer(DynamicLayer):
-    """One layer's keys and values, less the oldest positions that no later query can attend.
-
-    ``get_seq_length`` still counts the dropped positions, so generation sees the whole text. Keys and
-    values are views into buffers with room to grow, so a decoding step writes one position instead of
-    copying the whole cache (as ``torch.cat`` does); a full buffer is replaced by one twice the size.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.dropped = 0
-        self.key_buffer = self.value_buffer = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if key_states.requires_grad or value_states.requires_grad:
-            # Autograd may hold the earlier views: never write into their buffer.
-            self.key_buffer = self.value_buffer = None
-            return super().update(key_states, value_states)
-        self.keys, self.key_buffer = append_in_buffer(self.keys, self.key_buffer, key_states)
-        self.values, self.value_buffer = append_in_buffer(self.values, self.value_buffer, value_states)
-        return self.keys, self.values
-
-    def drop_front(self, count: int) -> None:
-        if count > 0 and self.is_initialized:
-            self.keys = self.keys[..., count:, :]
-            self.values = self.values[..., count:, :]
-            self.dropped += count
-
-    def get_seq_length(self) -> int:
-        return self.dropped + super().get_seq_length()
-
-    def reset(self) -> None:
-        super().reset()
-        self.dropped = 0
-        self.key_buffer = self.value_buffer = None
-
-
-def append_in_buffer(
-    stored: torch.Tensor, buffer: torch.Tensor | None, new: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``stored`` with ``new`` appended along the sequence (dim 2), and the buffer that now holds it.
-
-    Written in place when ``stored`` is a slice of ``buffer`` with room after it; otherwise (first call,
-    full buffer, ``stored`` replaced by beam search's reordering, or a buffer more than four times what
-    it holds, as after a long prompt's keys were dropped) copied into a new buffer with twice the room
-    it needs, so appending one position costs O(1) amortized and memory stays within 4x what is stored.
-    """
-    length = stored.shape[2] if stored.numel() else 0
-    end = length + new.shape[2]
-    begin = slice_start(stored, buffer) if length else 0
-    if (
-        buffer is None
-        or begin is None
-        or begin + end > buffer.shape[2]
-        or buffer.shape[2] > 4 * max(end, 16)
-        or buffer.shape[:2] != new.shape[:2]
-    ):
-        buffer = new.new_empty(new.shape[0], new.shape[1], max(2 * end, 16), new.shape[3])
-        if length:
-            buffer[:, :, :length] = stored
-        begin = 0
-    buffer[:, :, begin + length : begin + end] = new
-    return buffer[:, :, begin : begin + end], buffer
-
-
-def slice_start(view: torch.Tensor, buffer: torch.Tensor | None) -> int | None:
-    """Where ``view`` starts in ``buffer`` along dim 2 if it is such a slice of it, else None."""
-    if (
-        buffer is None
-        or view.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
-        or view.stride() != buffer.stride()
-        or view.shape[:2] != buffer.shape[:2]
-        or view.dtype != buffer.dtype
-    ):
-        return None
-    start, rest = divmod(view.storage_offset() - buffer.storage_offset(), buffer.stride(2))
-    return start if rest == 0 and start >= 0 else None
-
-
-class LongNetCache(DynamicCache):
-    """LongNet's default KV cache: its size stays bounded however long generation runs.
-
-    A query at position t attends, in branch (w, r), only keys of its own segment, which starts at
-    or after ``t - t mod L`` for ``L = lcm(segment_lengths)``. So keys before the current period of
-    length L are dropped; dilated positions stay exact because each row's kept keys start at a
-    multiple of L of that row's own positions. With the paper's segment lengths L is the longest one.
-    """
-
-    def __init__(self):
-        Cache.__init__(self, layer_class_to_replicate=LongNetCacheLayer)
-
-    @property
-    def dropped(self) -> int:
-        return self.layers[0].dropped if self.layers else 0
-
-    def drop_front(self, count: int) -> None:
-        for layer in self.layers:
-            layer.drop_front(count)
-
-
-def trim_cache(
-    cache: LongNetCache, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, period: int
-) -> torch.Tensor | None:
-    """Drops what no query of this step can attend and returns the key mask for what is left.
-
-    ``attention_mask`` is ``(B, total length)`` or None; ``position_ids`` ``(B, Lq)`` are positions in
-    each row's own sequence. Row b needs keys from the start of its current period, ``past -
-    position_ids[b, 0] mod period``; the cache keeps the earliest of those over the batch and the
-    returned mask hides, per row, the kept keys before its own start. Anything but left padding (holes,
-    packed rows) keeps the cache whole.
-    """
-    past_length = cache.get_seq_length()
-    if attention_mask is not None and not bool((attention_mask[:, 1:] >= attention_mask[:, :-1]).all()):
-        return attention_mask[:, cache.dropped :]
-    row_start = past_length - position_ids[:, 0] % period  # (B,)
-    cache.drop_front(int(row_start.min()) - cache.dropped)
-    key_index = torch.arange(cache.dropped, past_length + position_ids.shape[1], device=position_ids.device)
-    mask = key_index >= row_start[:, None]
-    if attention_mask is not None:
-        mask = mask & attention_mask[:, cache.dropped :]
-    return mask
-
-
-@dataclass
-class Document:
-    """One sequence inside a batch row: its key positions and query positions (indices into the
-    layer's key and query axes). The queries are always the last ``len(query_index)`` keys."""
-
-    row: int
-    key_index: torch.Tensor
-    query_index: torch.Tensor
-
-
-def find_documents(
-    attention_mask: torch.Tensor | None, position_ids: torch.Tensor, past_length: int
-) -> list[Document] | None:
-    """Splits the batch into the sequences that dilated attention must see separately.
-
-    ``attention_mask`` is ``(B, past + current)`` or None, ``position_ids`` is ``(B, current)``.
-    Returns ``None`` when every row is one sequence without padding (the fast, batched path).
-    Padding (mask zeros) is dropped. Without a cache, a ``position_ids`` value of 0 after a row's
-    first token starts a new document (packed sequences); with a cache, each row's real tokens are
-    one sequence.
-    """
-    batch, query_length = position_ids.shape
-    key_length = past_length + query_length
-    starts_document = torch.zeros(batch, key_length, dtype=torch.bool, device=position_ids.device)
-    if past_length == 0:
-        starts_document[:, 1:] = position_ids[:, 1:] == 0
-    if attention_mask is None:
-        if not bool(starts_document.any()):
-            return None
-        attention_mask = torch.ones(batch, key_length, dtype=torch.bool, device=position_ids.device)
-    elif bool(attention_mask.all()) and not bool(starts_document.any()):
-        return None
-    documents = []
-    for row in range(batch):
-        real = attention_mask[row].nonzero().squeeze(1)
-        starts = starts_document[row, real].nonzero().squeeze(1).tolist()
-        bounds = [0] + [i for i in starts if i > 0] + [real.numel()]
-        for begin, end in zip(bounds[:-1], bounds[1:], strict=True):
-            key_index = real[begin:end]
-            query_index = key_index[key_index >= past_length] - past_length
-            if query_index.numel() > 0:
-                documents.append(Document(row, key_index, query_index))
-    return documents
-
-
-def attend_documents(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    documents: list[Document] | None,
-    segment_lengths: list[int],
-    dilation_rates: list[int],
-    scale: float,
-    backend: str = "auto",
-    output_attentions: bool = False,
-    group=None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Causal dilated attention over ``(B, H, L, D)`` inputs, each document on its own.
-
-    Returns the output ``(B, H, Lq, D)`` (0 at padding queries) and, with ``output_attentions`` (eager
-    backend only), the weights ``(B, H, Lq, Lk)``. With a process ``group`` the inputs are this rank's
-    chunk of one sequence split across the group (see ``longnet.sequence_parallel``).
-    """
-    if group is not None:
-        if backend == "eager" or documents is not None:
-            raise ValueError("sequence parallelism runs the fused kernel on whole, unpadded sequences")
-        return dilated_attention(query, key, value, segment_lengths, dilation_rates, scale=scale, group=group), None
-
-    def attend(q, k, v):
-        if backend != "eager":
-            return dilated_attention(q, k, v, segment_lengths, dilation_rates, scale=scale, backend=backend), None
-        branches = list(zip(segment_lengths, dilation_rates, strict=True))
-        out, _, weights = eager_dilated_attention(q, k, v, branches, True, scale, return_weights=True)
-        return out, (weights if output_attentions else None)
-
-    if documents is None:
-        return attend(query, key, value)
-    results = [
-        attend(
-            query[doc.row : doc.row + 1, :, doc.query_index],
-            key[doc.row : doc.row + 1, :, doc.key_index],
-            value[doc.row : doc.row + 1, :, doc.key_index],
-        )
-        for doc in documents
-    ]
-    # Padding queries keep output 0. The kernel's dtype (autocast may lower it) sets the dtype.
-    batch, heads, q_len, _ = query.shape
-    output = query.new_zeros(query.shape, dtype=results[0][0].dtype if results else query.dtype)
-    weights = query.new_zeros(batch, heads, q_len, key.shape[2]) if output_attentions else None
-    for doc, (doc_output, doc_weights) in zip(documents, results, strict=True):
-        output[doc.row, :, doc.query_index] = doc_output[0]
-        if output_attentions:
-            weights[doc.row, :, doc.query_index[:, None], doc.key_index] = doc_weights[0].to(weights.dtype)
-    return output, weights
-
-
 class LongNetAttention(nn.Module):
     """Multi-head self-attention with RoPE and GQA whose core is dilated attention."""
 
@@ -333,6 +121,8 @@ class LongNetAttention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
         self.q_proj = nn.Linear(
             config.hidden_size, config.num_attention_heads * self.head_dim, bias=config.attention_bias
         )
@@ -346,18 +136,17 @@ class LongNetAttention(nn.Module):
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
         )
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        documents: list[Document] | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
-        output_attentions: bool = False,
-        group=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch, length, _ = hidden_states.shape
-        hidden_shape = (batch, length, -1, self.head_dim)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -365,23 +154,25 @@ class LongNetAttention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
+            # A static cache hands back its whole preallocated length; the positions written come first.
+            key, value = key[:, :, : kwargs["key_length"]], value[:, :, : kwargs["key_length"]]
 
-        eager = self.config._attn_implementation == "eager"
-        if output_attentions and not eager:
-            raise ValueError("output_attentions=True needs attn_implementation='eager'")
-        output, weights = attend_documents(
+        # Only the eager function forms the attention weights: it runs whenever they are asked for.
+        implementation = "eager" if kwargs.get("output_attentions") else self.config._attn_implementation
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            implementation, eager_dilated_attention_forward
+        )
+        output, weights = attention_interface(
+            self,
             query,
             key,
             value,
-            documents,
-            self.config.segment_lengths,
-            self.config.dilation_rates,
-            self.scaling,
-            backend="eager" if eager else "auto",
-            output_attentions=output_attentions,
-            group=group,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
         )
-        output = output.transpose(1, 2).reshape(batch, length, -1)
+        output = output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(output), weights
 
 
@@ -393,23 +184,29 @@ class LongNetDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = LongNetRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LongNetRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        documents: list[Document] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
-        output_attentions: bool = False,
-        group=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states, weights = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, documents, cache, output_attentions, group
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
         )
         hidden_states = residual + hidden_states
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states, weights
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
 # What a saved folder's config.json maps each Auto class to. save_pretrained writes only the entry
@@ -422,22 +219,43 @@ AUTO_MAP = {
 }
 
 
+@auto_docstring
 class LongNetPreTrainedModel(PreTrainedModel):
     config_class = LongNetConfig
     config: LongNetConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LongNetDecoderLayer"]
-    # "sdpa" (the default) runs the fused dilated attention kernel; "eager" the reference kernel.
-    _supports_sdpa = True
+    # SDPA, flash and flex attention compute dense attention: a different model. LongNet's attention
+    # functions are "longnet_dilated" and "eager" (get_correct_attn_implementation).
+    _supports_sdpa = False
     _supports_flash_attn = False
     _supports_flex_attn = False
+    # Splitting a batch into documents reads tensor values (a graph break).
+    _can_compile_fullgraph = False
+    _can_record_outputs = {
+        "hidden_states": LongNetDecoderLayer,
+        "attentions": LongNetAttention,
+    }
 
     def __init__(self, config: LongNetConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         config.auto_map = {**AUTO_MAP, **(getattr(config, "auto_map", None) or {})}
 
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """``"longnet_dilated"`` (the fused kernel) by default, or ``"eager"``; anything else is an error."""
+        if requested_attention is None:
+            return ATTN_IMPLEMENTATION
+        if requested_attention not in (ATTN_IMPLEMENTATION, "eager"):
+            raise ValueError(
+                f"attn_implementation={requested_attention!r} is not available for LongNet, whose attention is "
+                f"dilated attention: use 'longnet_dilated' (the fused kernel, the default) or 'eager' (the reference, "
+                f"which also returns attention weights)"
+            )
+        return requested_attention
 
+
+@auto_docstring
 class LongNetModel(LongNetPreTrainedModel):
     def __init__(self, config: LongNetConfig):
         super().__init__(config)
@@ -452,6 +270,10 @@ class LongNetModel(LongNetPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -460,10 +282,7 @@ class LongNetModel(LongNetPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        past_key_values: Cache | None = None,
-        sequence_parallel_group=None,
+        sequence_parallel_group: torch.distributed.ProcessGroup | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
@@ -474,13 +293,8 @@ class LongNetModel(LongNetPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        cache = cache if cache is not None else past_key_values
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
+        # The layers read it: attention weights come from the eager function, whatever the implementation.
+        kwargs["output_attentions"] = kwargs.get("output_attentions", self.config.output_attentions)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
@@ -514,32 +328,26 @@ class LongNetModel(LongNetPreTrainedModel):
         position_ids = position_ids.expand(batch, -1)
         key_mask = attention_mask
         if isinstance(cache, LongNetCache) and past_length > 0:
-            period = math.lcm(*self.config.segment_lengths)
-            key_mask = trim_cache(cache, attention_mask, position_ids, period)
+            key_mask = trim_cache(cache, attention_mask, position_ids, math.lcm(*self.config.segment_lengths))
         stored_past = past_length - (cache.dropped if isinstance(cache, LongNetCache) else 0)
         documents = None if sequence_parallel_group is not None else find_documents(key_mask, position_ids, stored_past)
 
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states, weights = layer(
-                hidden_states, position_embeddings, documents, cache, output_attentions, sequence_parallel_group
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                documents=documents,
+                key_length=stored_past + query_length,
+                sequence_parallel_group=sequence_parallel_group,
+                **kwargs,
             )
-            if output_attentions:
-                all_attentions += (weights,)
         hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
 def sequence_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, group) -> torch.Tensor:
@@ -562,14 +370,12 @@ def sequence_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, group) ->
     return (losses + (totals[0] - losses.detach())) / totals[1]
 
 
+@auto_docstring
 class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        # generate() then makes no DynamicCache: the first forward makes a LongNetCache and generate()
-        # carries it on. A cache the user passes is used as it is.
-        return False
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: LongNetConfig):
         super().__init__(config)
@@ -578,6 +384,17 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        # Where generate() made its default DynamicCache, the bounded LongNetCache does the same job in less
+        # memory. A cache the user passes is used as it is.
+        cache = model_kwargs.get("cache")
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            model_kwargs["cache"] = LongNetCache()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -587,14 +404,10 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
-        return_dict: bool | None = None,
-        sequence_parallel_group=None,
+        sequence_parallel_group: torch.distributed.ProcessGroup | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+    ) -> CausalLMOutputWithPast:
         r"""
         sequence_parallel_group (`torch.distributed.ProcessGroup`, *optional*):
             See `LongNetModel.forward`. `labels` are then this rank's chunk too; the label shift crosses
@@ -603,38 +416,40 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
         """
         if sequence_parallel_group is not None:
             use_cache = False
-        outputs = self.model(
+        outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             sequence_parallel_group=sequence_parallel_group,
+            **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None and sequence_parallel_group is not None:
             loss = sequence_parallel_loss(logits, labels, sequence_parallel_group)
         elif labels is not None:
             # kwargs carries num_items_in_batch from the Trainer (gradient accumulation).
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        output = CausalLMOutputWithPast(
+        return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output.to_tuple() if return_dict is False else output
 
 
+@auto_docstring
 class LongNetForSequenceClassification(LongNetPreTrainedModel):
-    """Scores the last real token of each sequence (the rightmost token that is not padding)."""
+    """Scores the last real token of each sequence.
+
+    Unlike transformers' ``GenericForSequenceClassification``, which takes the last token that is not
+    ``pad_token_id``, the ``attention_mask`` decides when given: right with ``inputs_embeds`` and with
+    tokenizers whose padding token is also their end-of-sequence token.
+    """
 
     def __init__(self, config: LongNetConfig):
         super().__init__(config)
@@ -643,6 +458,9 @@ class LongNetForSequenceClassification(LongNetPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -652,20 +470,16 @@ class LongNetForSequenceClassification(LongNetPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> SequenceClassifierOutputWithPast | tuple:
-        outputs = self.model(
+    ) -> SequenceClassifierOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+            **kwargs,
         )
         logits = self.score(outputs.last_hidden_state)
         batch = logits.shape[0]
@@ -683,14 +497,13 @@ class LongNetForSequenceClassification(LongNetPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-        output = SequenceClassifierOutputWithPast(
+        return SequenceClassifierOutputWithPast(
             loss=loss,
             logits=pooled_logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output.to_tuple() if return_dict is False else output
 
 
 __all__ = [

@@ -36,6 +36,20 @@ def tiny_config(**overrides):
     return LongNetConfig(**{**TINY, **TINY_BRANCHES, **overrides})
 
 
+def make_model(model_class=None, seed: int = 0, **overrides):
+    """A tiny LongNet (LongNetForCausalLM unless ``model_class``), in eval mode, seeded."""
+    from longnet import LongNetForCausalLM
+
+    torch.manual_seed(seed)
+    return (model_class or LongNetForCausalLM)(tiny_config(**overrides)).eval()
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Token ids above the special tokens (pad 0, bos 1, eos 2)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, TINY["vocab_size"], (batch, length), generator=generator)
+
+
 def stdlib_text(max_chars: int = 200_000) -> str:
     """Python standard library source, the corpus every machine has."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])

@@ -12,31 +12,18 @@ import textwrap
 
 import pytest
 import torch
-from conftest import TINY, tiny_config
+from conftest import TINY, make_model, random_ids, tiny_config
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     DataCollatorWithFlattening,
-    DynamicCache,
     LlamaConfig,
     LlamaForCausalLM,
 )
 
 from longnet import LongNetConfig, LongNetForCausalLM, LongNetForSequenceClassification, LongNetModel
-from longnet.modeling_longnet import LongNetCache
-
-
-def make_model(cls=LongNetForCausalLM, seed=0, **overrides):
-    torch.manual_seed(seed)
-    return cls(tiny_config(**overrides)).eval()
-
-
-def random_ids(batch, length, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, TINY["vocab_size"], (batch, length), generator=generator)
-
 
 # ---------------------------------------------------------------------------------------------------
 # The decoder around the kernel is standard
@@ -86,8 +73,14 @@ def test_eager_and_fused_kernels_agree_and_eager_returns_weights():
     # Head 1, query 5: branch (4,1) keys 4..5, branch (8,2) needs 5 % 2 == 1: keys 1,3,5;
     # branch (12,3) needs 5 % 3 == 1: keys 1,4. Nothing else.
     assert set(weights[0, 1, 5].nonzero().squeeze(1).tolist()) == {1, 3, 4, 5}
-    with pytest.raises(ValueError, match="output_attentions=True needs attn_implementation='eager'"):
-        fused(ids, output_attentions=True)
+    # Asked for weights, the default implementation returns them too (from the eager function), as
+    # transformers models do.
+    asked = fused(ids, output_attentions=True)
+    torch.testing.assert_close(asked.logits, out.logits, atol=1e-5, rtol=0)
+    for got, expected in zip(asked.attentions, out.attentions, strict=True):
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="attn_implementation='sdpa' is not available for LongNet"):
+        make_model(attn_implementation="sdpa")
 
 
 def test_bf16_forward_is_close_to_fp32():
@@ -184,162 +177,7 @@ def test_remote_code_loads_without_the_package(tmp_path, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Generation with a KV cache
-
-
-@pytest.mark.parametrize("cache_class", [None, DynamicCache], ids=["longnet-cache", "user-dynamic-cache"])
-@pytest.mark.parametrize("overrides", [{}, dict(num_key_value_heads=1), dict(num_key_value_heads=4)])
-def test_cached_decoding_equals_full_forward(overrides, cache_class):
-    """Prompt 7 tokens, then 43 single-token steps: crosses boundaries of every branch many times."""
-    model = make_model(**overrides)
-    ids = random_ids(2, 50)
-    full = model(ids).logits
-    out = model(ids[:, :7], use_cache=True, cache=cache_class() if cache_class else None)
-    cache, steps = out.cache, [out.logits]
-    for t in range(7, 50):
-        out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-        cache = out.cache
-        steps.append(out.logits)
-    assert type(cache) is (cache_class or LongNetCache) and cache.get_seq_length() == 50
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
-
-
-def test_longnet_cache_stays_bounded():
-    """lcm(4, 8, 12) = 24: no query needs a key from before its own 24-token period, so the cache never
-    holds more than 24 positions, whatever the length; logits still equal the full forward."""
-    model = make_model()
-    ids = random_ids(1, 120)
-    full = model(ids).logits
-    out = model(ids[:, :1], use_cache=True)
-    cache, steps, sizes, copies, previous = out.cache, [out.logits], [], 0, None
-    for t in range(1, 120):
-        with torch.no_grad():  # as in generate(); with autograd on, the cache concatenates instead
-            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-        cache = out.cache
-        steps.append(out.logits)
-        keys = cache.layers[0].keys
-        sizes.append(keys.shape[2])
-        # `previous` keeps the last step's storage alive, so a new buffer cannot reuse its address.
-        copies += previous is not None and keys.untyped_storage().data_ptr() != previous.untyped_storage().data_ptr()
-        previous = keys
-    assert max(sizes) <= 24 and cache.dropped >= 96 and cache.get_seq_length() == 120
-    # Steps write their position into a buffer with room to grow: it is replaced only when full.
-    assert copies <= 3
-    position_bytes = keys[:, :, :1].numel() * keys.element_size()
-    assert keys.untyped_storage().nbytes() <= 2 * 25 * position_bytes
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
-
-
-@torch.no_grad()
-def test_longnet_cache_memory_shrinks_after_a_long_prompt():
-    """A 100-token prompt fills a buffer for 100+ positions; once the keys before the current 24-token
-    period are dropped, the buffer is replaced by one sized for what is kept."""
-    model = make_model()
-    ids = random_ids(1, 106)
-    cache = model(ids[:, :100], use_cache=True).cache
-    for t in range(100, 106):
-        cache = model(ids[:, t : t + 1], cache=cache, use_cache=True).cache
-    keys = cache.layers[0].keys
-    assert keys.shape[2] <= 24
-    assert keys.untyped_storage().nbytes() <= 4 * 24 * keys[:, :, :1].numel() * keys.element_size()
-
-
-def test_longnet_cache_bounded_with_left_padding_and_generate():
-    model = make_model()
-    prompts = [random_ids(1, n, seed=n)[0] for n in (3, 10)]
-    ids = torch.zeros(2, 10, dtype=torch.long)
-    mask = torch.zeros(2, 10, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, 10 - len(p) :], mask[row, 10 - len(p) :] = p, 1
-    out = model.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=90,
-        min_new_tokens=90,
-        do_sample=False,
-        pad_token_id=0,
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
-    cache = out.cache
-    assert isinstance(cache, LongNetCache)
-    # The rows' periods are 7 positions apart (their padding), so at most 24 + 7 positions stay.
-    assert cache.layers[0].keys.shape[2] <= 24 + 7 and cache.get_seq_length() == 99
-    for row, p in enumerate(prompts):
-        sequence = torch.cat([p, out.sequences[row, 10:]])[None]
-        full = model(sequence).logits[0, len(p) - 1 : -1]
-        torch.testing.assert_close(torch.stack(out.logits, 1)[row], full, atol=1e-4, rtol=0)
-
-
-def test_cached_chunks_equal_full_forward():
-    """Several queries at once against a cache (chunked prefill), chunks not aligned to segments."""
-    model = make_model()
-    ids = random_ids(1, 45)
-    full = model(ids).logits
-    cache, pieces = None, []
-    for start, end in ((0, 5), (5, 18), (18, 19), (19, 45)):
-        out = model(ids[:, start:end], cache=cache, use_cache=True)
-        cache = out.cache
-        pieces.append(out.logits)
-    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=0)
-
-
-def test_greedy_generate_logits_equal_full_forward():
-    model = make_model()
-    prompt = random_ids(1, 6)
-    out = model.generate(
-        prompt,
-        max_new_tokens=30,
-        min_new_tokens=30,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    sequence = out.sequences
-    assert sequence.shape == (1, 36)
-    full = model(sequence).logits[:, 5:-1]
-    torch.testing.assert_close(torch.stack(out.logits, 1), full, atol=1e-4, rtol=0)
-    assert torch.equal(full.argmax(-1), sequence[:, 6:])
-
-
-def test_sampling_and_beam_search_work():
-    model = make_model()
-    prompt = random_ids(2, 6)
-    torch.manual_seed(0)
-    sampled = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=True, top_k=20)
-    assert sampled.shape == (2, 18) and torch.equal(sampled[:, :6], prompt)
-    beams = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, num_beams=3, do_sample=False)
-    beams_uncached = model.generate(
-        prompt, max_new_tokens=12, min_new_tokens=12, num_beams=3, do_sample=False, use_cache=False
-    )
-    assert beams.shape == (2, 18)
-    assert torch.equal(beams, beams_uncached)  # cache reordering between beams is right
-
-
-def test_left_padded_batch_equals_each_prompt_alone():
-    model = make_model()
-    prompts = [random_ids(1, n, seed=n)[0] for n in (5, 13, 9)]
-    longest = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, longest - len(p) :] = p
-        mask[row, longest - len(p) :] = 1
-    kwargs = dict(
-        max_new_tokens=20,
-        min_new_tokens=20,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        pad_token_id=0,
-    )
-    batched = model.generate(ids, attention_mask=mask, **kwargs)
-    for row, p in enumerate(prompts):
-        alone = model.generate(p[None], **kwargs)
-        assert torch.equal(batched.sequences[row, longest:], alone.sequences[0, len(p) :])
-        torch.testing.assert_close(
-            torch.stack(batched.logits, 1)[row], torch.stack(alone.logits, 1)[0], atol=1e-4, rtol=0
-        )
+# Padding
 
 
 def test_masked_tokens_are_dropped_from_the_sequence():

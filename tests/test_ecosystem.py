@@ -1,0 +1,63 @@
+"""LongNet with the libraries around transformers models: PEFT, accelerate's device maps."""
+
+import torch
+from conftest import make_model, random_ids
+from transformers import AutoModelForCausalLM
+
+import longnet  # noqa: F401  (registers LongNet with the Auto classes)
+
+
+def test_lora_trains_saves_reloads_and_merges(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    model = get_peft_model(make_model(), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert {name.split(".")[-4] for name in trainable} == set(targets)  # ...q_proj.lora_A.default.weight
+    ids = random_ids(2, 40)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
+
+    reloaded = PeftModel.from_pretrained(make_model(), tmp_path / "adapter").eval()
+    merged = reloaded.merge_and_unload()
+    assert type(merged).__name__ == "LongNetForCausalLM"
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, trained, atol=1e-5, rtol=0)
+    base = make_model().state_dict()
+    changed = {name for name, tensor in merged.state_dict().items() if not torch.equal(tensor, base[name])}
+    assert changed and all(name.split(".")[-2] in targets for name in changed)
+
+
+def test_device_map_auto_splits_between_whole_decoder_layers(tmp_path):
+    """With room in memory for about one decoder layer, accelerate offloads the rest to disk; every module
+    it places is a whole layer or smaller (``_no_split_modules``), and the logits do not change."""
+    model = make_model(num_hidden_layers=4)
+    model.save_pretrained(tmp_path / "model")
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model",
+        device_map="auto",
+        max_memory={"cpu": 2 * layer_bytes},
+        offload_folder=tmp_path / "offload",
+    )
+    placement = loaded.hf_device_map
+    assert "disk" in placement.values() and "cpu" in placement.values()
+    assert all(not name.startswith("model.layers.") or name.count(".") == 2 for name in placement)
+    ids = random_ids(1, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
