@@ -1,15 +1,21 @@
 """LongNet configuration: Llama's fields plus the dilated attention branches."""
 
-from huggingface_hub.dataclasses import strict
-from transformers.activations import ACT2FN
+from huggingface_hub.dataclasses import as_validated_field, strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
+from transformers.utils.type_validators import activation_fn_key, interval, positive_int_field
 
 from .dilated_attention import check_branches
 
 # The paper's configuration (LongNet, section 4.1): segments 2K..32K with rates 1..12.
 PAPER_SEGMENT_LENGTHS = [2048, 4096, 8192, 16384, 32768]
 PAPER_DILATION_RATES = [1, 2, 4, 6, 12]
+
+
+@as_validated_field
+def no_dropout(value: int | float | None) -> None:
+    if value:
+        raise ValueError(f"must be 0.0: dilated attention has no attention dropout, got {value!r}")
 
 
 @strict
@@ -46,17 +52,17 @@ class LongNetConfig(PreTrainedConfig):
         "layers.*.mlp.down_proj": "rowwise",
     }
 
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 32768
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
+    vocab_size: int = positive_int_field(default=32000)
+    hidden_size: int = positive_int_field(default=4096)
+    intermediate_size: int = positive_int_field(default=11008)
+    num_hidden_layers: int = positive_int_field(default=32)
+    num_attention_heads: int = positive_int_field(default=32)
+    num_key_value_heads: int | None = positive_int_field(default=None)
+    head_dim: int | None = positive_int_field(default=None)
+    hidden_act: str = activation_fn_key(default="silu")
+    max_position_embeddings: int = positive_int_field(default=32768)
+    initializer_range: float = interval(min=0.0, max=1.0)(default=0.02)
+    rms_norm_eps: float = interval(min=0.0, exclude_min=True)(default=1e-6)
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
@@ -64,7 +70,7 @@ class LongNetConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     rope_parameters: RopeParameters | dict | None = None
     attention_bias: bool = False
-    attention_dropout: int | float | None = 0.0
+    attention_dropout: int | float | None = no_dropout(default=0.0)
     mlp_bias: bool = False
     # Tuples are accepted as the kernel accepts them, and stored as lists so config.json round-trips.
     segment_lengths: list[int] | tuple[int, ...] | None = None
@@ -81,55 +87,32 @@ class LongNetConfig(PreTrainedConfig):
             self.dilation_rates = list(PAPER_DILATION_RATES)
         self.segment_lengths = list(self.segment_lengths)
         self.dilation_rates = list(self.dilation_rates)
-        self._check_fields()
         super().__post_init__(**kwargs)
 
-    def _check_fields(self) -> None:
-        """Raises a ValueError that names the first invalid field."""
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "max_position_embeddings",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    def validate_architecture(self) -> None:
+        """Part of ``@strict``'s validation (as in LlamaConfig): the shapes must fit together."""
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.hidden_size % self.num_attention_heads != 0:  # LlamaConfig.validate_architecture refuses it too
+        if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                 f"({self.num_attention_heads})"
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.hidden_act not in ACT2FN:
-            raise ValueError(f"hidden_act must be one of {sorted(ACT2FN)}, got {self.hidden_act!r}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
-        if not self.initializer_range >= 0:
-            raise ValueError(f"initializer_range must be non-negative, got {self.initializer_range!r}")
-        if self.attention_dropout != 0:
-            raise ValueError(
-                f"attention_dropout must be 0.0: dilated attention has no attention dropout, "
-                f"got {self.attention_dropout!r}"
-            )
         check_branches(self.segment_lengths, self.dilation_rates)
-        for name in ("pad_token_id", "bos_token_id"):
+
+    def validate_token_ids(self) -> None:
+        """Special token ids must be in the vocabulary (transformers only warns; LongNet refuses, and the
+        conversion script maps the Hub's ``-1`` for "none" to None)."""
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
+            values = value if isinstance(value, list) else [value]
+            if any(v is not None and not 0 <= v < self.vocab_size for v in values):
                 raise ValueError(f"{name} must be in [0, vocab_size={self.vocab_size}), got {value!r}")
-        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
-        if any(value is not None and not 0 <= value < self.vocab_size for value in eos):
-            raise ValueError(f"eos_token_id must be in [0, vocab_size={self.vocab_size}), got {self.eos_token_id!r}")
 
 
 __all__ = ["LongNetConfig"]

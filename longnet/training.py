@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
@@ -17,6 +18,7 @@ from typing import NoReturn
 
 import datasets
 import torch.distributed as dist
+from huggingface_hub.errors import StrictDataclassError
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerFast, Trainer
 
@@ -27,9 +29,15 @@ TABLE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".cs
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 
 
+# What building a LongNetConfig from bad values raises: transformers' @strict validation wraps the
+# ValueError that names the field in a StrictDataclassError.
+CONFIG_ERRORS = (ValueError, StrictDataclassError)
+
+
 def fail(message: str) -> NoReturn:
     """Stops a script with one ``error:`` line (secrets redacted) and exit code 2, as argparse does."""
-    print(f"error: {redact(message)}", file=sys.stderr)
+    one_line = re.sub(r"\s*\n\s*", " ", message)
+    print(f"error: {redact(one_line)}", file=sys.stderr)
     raise SystemExit(2)
 
 

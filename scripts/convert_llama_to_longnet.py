@@ -36,6 +36,7 @@ from longnet import LongNetConfig
 from longnet.dilated_attention import check_branches
 from longnet.hub import has_tokenizer, remote_code_files, render_model_card, write_folder
 from longnet.modeling_longnet import AUTO_MAP
+from longnet.training import CONFIG_ERRORS, fail
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -54,11 +55,6 @@ TOKENIZER_FILES = [
     "chat_template.jinja",
     "generation_config.json",
 ]
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def convert_config(
@@ -95,7 +91,7 @@ def convert_config(
     changed = drop_token_ids_outside_vocabulary(fields, fields["vocab_size"])
     try:
         config = LongNetConfig(**fields, segment_lengths=segment_lengths, dilation_rates=dilation_rates)
-    except ValueError as error:
+    except CONFIG_ERRORS as error:
         fail(str(error))
     config.architectures = ["LongNetForCausalLM"]
     config.auto_map = dict(AUTO_MAP)

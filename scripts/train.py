@@ -53,6 +53,7 @@ from longnet.evaluation import check_context_lengths, evaluation_documents, perp
 from longnet.hub import TOKENIZER_VOCABULARY_FILES, is_secret_name, redact, redact_command_line, render_model_card
 from longnet.sequence_parallel import check_split
 from longnet.training import (
+    CONFIG_ERRORS,
     SequenceParallelTrainer,
     expand_paths,
     fail,
@@ -371,7 +372,7 @@ def check_arguments(model_args, data_args, training_args) -> None:
     if not (model_args.model_name_or_path or model_args.config_name):
         try:  # the model's shape, before any tokenizer is trained (the vocabulary size comes later)
             config_from_flags(model_args, model_args.vocab_size)
-        except ValueError as error:
+        except CONFIG_ERRORS as error:
             fail(f"model size flags (--hidden_size, --num_attention_heads, ...): {error}")
     check_sequence_parallel(model_args, data_args, training_args)
     output_dir = Path(training_args.output_dir)
@@ -500,7 +501,8 @@ def get_tokenizer(model_args, training_args, train_docs, checkpoint: str | None)
 
 
 def config_from_flags(model_args, vocab_size: int, **fields) -> LongNetConfig:
-    """The LongNetConfig the size and branch flags describe (raises ValueError for a shape it refuses)."""
+    """The LongNetConfig the size and branch flags describe (raises one of CONFIG_ERRORS for a shape it
+    refuses)."""
     return LongNetConfig(
         vocab_size=vocab_size,
         hidden_size=model_args.hidden_size,

@@ -1,7 +1,12 @@
-"""LongNetConfig: defaults, save/load round trip, and a ValueError naming each invalid field."""
+"""LongNetConfig: defaults, save/load round trip, and an error naming each invalid field.
+
+The errors are those of transformers' own config validation (``@strict`` field validators and
+``validate_architecture``, as LlamaConfig raises them): a StrictDataclassError whose message names the field.
+"""
 
 import pytest
 from conftest import tiny_config
+from huggingface_hub.errors import StrictDataclassError
 
 from longnet import LongNetConfig
 
@@ -58,8 +63,8 @@ def test_tuples_are_accepted_and_saved_as_lists(tmp_path):
         (dict(eos_token_id=[2, 999]), "eos_token_id"),
     ],
 )
-def test_invalid_field_raises_value_error_naming_it(overrides, field):
-    with pytest.raises(ValueError, match=field):
+def test_invalid_field_raises_an_error_naming_it(overrides, field):
+    with pytest.raises(StrictDataclassError, match=field):
         tiny_config(**overrides)
 
 
@@ -67,5 +72,5 @@ def test_invalid_value_in_saved_config_is_caught_on_load(tmp_path):
     tiny_config().save_pretrained(tmp_path)
     path = tmp_path / "config.json"
     path.write_text(path.read_text().replace('"dilation_rates": [\n    1,', '"dilation_rates": [\n    0,'))
-    with pytest.raises(ValueError, match="dilation_rates"):
+    with pytest.raises(StrictDataclassError, match="dilation_rates"):
         LongNetConfig.from_pretrained(tmp_path)
