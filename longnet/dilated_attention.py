@@ -39,7 +39,7 @@ from .dilated_attention_triton import forward as triton_forward
 from .dilated_attention_triton import unsupported_reason as triton_unsupported_reason
 
 BACKENDS = ("auto", "eager", "sdpa", "triton", "gathered")
-# The fused paths' (forward, backward), run inside _DilatedAttentionFunction.
+# The fused paths' (forward, backward), run by the custom operators fused_attention and its backward.
 FUSED_PATHS = {"sdpa": (sdpa_forward, sdpa_backward), "triton": (triton_forward, triton_backward)}
 # Positions are indexed with 32-bit integers inside the kernels' tile lists.
 MAX_SEGMENT_LENGTH = 2**31 - 1
@@ -106,7 +106,7 @@ def dilated_attention(
         lse = lse.detach()
     else:
         with torch.autocast(device_type, enabled=False):
-            out, lse = _DilatedAttentionFunction.apply(query, key, value, branches, is_causal, scale, backend)
+            out, lse = fused_attention(query, key, value, segment_lengths, dilation_rates, is_causal, scale, backend)
     return (out, lse) if return_lse else out
 
 
@@ -218,28 +218,75 @@ def _resolve_backend(backend: str, query: torch.Tensor, key: torch.Tensor, group
     return backend
 
 
-class _DilatedAttentionFunction(torch.autograd.Function):
-    """A fused path's forward, and a backward that recomputes each branch against the merged statistics."""
+# The fused paths are custom operators: torch.compile calls them as they are, one node in the graph (their
+# launch plans depend on strides and offsets, which tracing would turn into graph breaks and recompiles),
+# with a fake implementation that gives the outputs' shapes, dtypes and layouts.
 
-    @staticmethod
-    def forward(ctx, query, key, value, branches, is_causal, scale, backend: str):
-        path_forward, _ = FUSED_PATHS[backend]
-        out, lse = path_forward(query, key, value, branches, is_causal, scale)
-        out = out.to(query.dtype)
-        ctx.save_for_backward(query, key, value, out, lse)
-        ctx.branches, ctx.is_causal, ctx.scale, ctx.backend = branches, is_causal, scale, backend
-        ctx.mark_non_differentiable(lse)
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, grad_out, _grad_lse):
-        query, key, value, out, lse = ctx.saved_tensors
-        _, path_backward = FUSED_PATHS[ctx.backend]
-        grad_q, grad_k, grad_v = path_backward(
-            query, key, value, out, lse, grad_out, ctx.branches, ctx.is_causal, ctx.scale
-        )
-        # Cast one accumulator at a time, so at most one extra copy is alive.
-        grad_q = grad_q.to(query.dtype)
-        grad_k = grad_k.to(key.dtype)
-        grad_v = grad_v.to(value.dtype)
-        return grad_q, grad_k, grad_v, None, None, None, None
+@torch.library.custom_op("longnet::fused_attention", mutates_args=())
+def fused_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    is_causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fused path's output (input dtype) and log-sum-exp (float32, float64 for float64 inputs)."""
+    path_forward, _ = FUSED_PATHS[backend]
+    branches = tuple(zip(segment_lengths, dilation_rates, strict=True))
+    out, lse = path_forward(query, key, value, branches, is_causal, scale)
+    return out.to(query.dtype), lse
+
+
+@fused_attention.register_fake
+def _(query, key, value, segment_lengths, dilation_rates, is_causal, scale, backend):
+    # The Triton path writes its output laid out like the query; the sdpa path's is contiguous.
+    out = torch.empty_like(query) if backend == "triton" else query.new_empty(query.shape)
+    return out, query.new_empty(query.shape[:3], dtype=torch.promote_types(query.dtype, torch.float32))
+
+
+@torch.library.custom_op("longnet::fused_attention_backward", mutates_args=())
+def fused_attention_backward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    is_causal: bool,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value gradients: each branch recomputed against the merged statistics."""
+    _, path_backward = FUSED_PATHS[backend]
+    branches = tuple(zip(segment_lengths, dilation_rates, strict=True))
+    grad_q, grad_k, grad_v = path_backward(query, key, value, out, lse, grad_out, branches, is_causal, scale)
+    # Cast one accumulator at a time, so at most one extra copy is alive.
+    grad_q = grad_q.to(query.dtype)
+    grad_k = grad_k.to(key.dtype)
+    return grad_q, grad_k, grad_v.to(value.dtype)
+
+
+@fused_attention_backward.register_fake
+def _(query, key, value, out, lse, grad_out, segment_lengths, dilation_rates, is_causal, scale, backend):
+    like = torch.empty_like if backend == "triton" else (lambda tensor: tensor.new_empty(tensor.shape))
+    return like(query), like(key), like(value)
+
+
+def _save_for_backward(ctx, inputs, output) -> None:
+    query, key, value, *ctx.settings = inputs
+    ctx.save_for_backward(query, key, value, *output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    gradients = fused_attention_backward(*ctx.saved_tensors, grad_out, *ctx.settings)
+    return (*gradients, None, None, None, None, None)
+
+
+fused_attention.register_autograd(_backward, setup_context=_save_for_backward)

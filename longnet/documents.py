@@ -24,6 +24,7 @@ class Document:
     query_index: torch.Tensor
 
 
+@torch.compiler.disable  # reads the mask's values: torch.compile would break the graph on it anyway
 def find_documents(
     attention_mask: torch.Tensor | None, position_ids: torch.Tensor, past_length: int
 ) -> list[Document] | None:

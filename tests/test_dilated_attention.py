@@ -409,3 +409,18 @@ def test_absurd_segment_length_raises_before_allocating():
     q, k, v = make_inputs(1, 2, 2, 8, 8, 4, torch.float32)
     with pytest.raises(ValueError, match="segment_lengths must hold integers below 2\\*\\*31"):
         dilated_attention(q, k, v, [2**40], [1])
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_fused_operator_passes_torch_library_opcheck(backend):
+    """The fused paths are custom operators (what torch.compile calls as one node): PyTorch's own checks of
+    their schema, fake implementation (shapes, dtypes, strides against the real outputs), autograd
+    registration and dispatch, on inputs in the model's (B, L, H, D) storage and contiguous ones."""
+    from longnet.dilated_attention import fused_attention
+
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    q, k, v = make_inputs(1, 4, 2, 40, 40, 16, torch.float32, device=device)
+    transposed = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+    for inputs in ([q, k, v], transposed):
+        inputs = [x.requires_grad_() for x in inputs]
+        torch.library.opcheck(fused_attention, (*inputs, [8, 16], [1, 2], True, 0.25, backend))

@@ -61,3 +61,28 @@ def test_device_map_auto_splits_between_whole_decoder_layers(tmp_path):
     ids = random_ids(1, 30)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_torch_compile_forward_and_training_step_match_eager():
+    """``torch.compile(model)`` (AOTAutograd, the training path, without inductor's code generation, which
+    a CPU test cannot afford): outputs and gradients equal eager mode's over several lengths, and no frame
+    reaches dynamo's recompile limit (the kernels are not traced: their launch plans depend on strides)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager = make_model().train()
+    compiled_model = make_model().train()
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=4):
+        for length in (40, 56, 72, 88):
+            ids = random_ids(2, length, seed=length)
+            expected = eager(input_ids=ids, labels=ids)
+            got = compiled(input_ids=ids, labels=ids)
+            torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)
+            expected.loss.backward()
+            got.loss.backward()
+            for (name, want), have in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+                torch.testing.assert_close(have.grad, want.grad, atol=1e-5, rtol=0, msg=name)
+            eager.zero_grad()
+            compiled_model.zero_grad()
+    torch._dynamo.reset()
