@@ -16,9 +16,9 @@ Paths, one module each, chosen by ``backend=``:
 - ``"gathered"`` (``dilated_attention_gathered``): a short block of queries against a longer key
   cache (decoding), each query's keys gathered per branch.
 
-``sdpa`` and ``triton`` run inside one ``autograd.Function`` whose backward recomputes every branch
-against the merged output and log-sum-exp, so gradients are exact (mixing weights included) and
-memory stays O(N).
+``sdpa`` and ``triton`` run inside one custom operator (``longnet::fused_attention``, differentiable)
+whose backward recomputes every branch against the merged output and log-sum-exp, so gradients are
+exact (mixing weights included) and memory stays O(N).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Shared fixtures: tiny configs and a tokenizer trained here on local text (no Hub access)."""
 
 import os
+import socket
 import sysconfig
+import traceback
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,16 @@ def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, TINY["vocab_size"], (batch, length), generator=generator)
 
 
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of 1D prompts left-padded with 0 to the longest, and its attention mask."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p) :], mask[row, longest - len(p) :] = p, 1
+    return ids, mask
+
+
 def stdlib_text(max_chars: int = 200_000) -> str:
     """Python standard library source, the corpus every machine has."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -74,3 +86,31 @@ def tokenizer(tmp_path_factory):
     fast = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     assert (fast.pad_token_id, fast.bos_token_id, fast.eos_token_id) == (0, 1, 2)
     return fast
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(world: int, target, *args) -> None:
+    """``target(rank, world, *args)`` in ``world`` spawned processes joined in a gloo process group."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_entry, args=(world, free_port(), target, args), nprocs=world, join=True)
+
+
+def _entry(rank, world, port, target, args):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        target(rank, world, *args)
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, left_padded
 from huggingface_hub import HfApi, ModelCard
 from transformers import (
     AutoModelForCausalLM,
@@ -277,10 +277,7 @@ def test_stock_model_cached_decoding_equals_full_forward():
 def test_stock_model_left_padding_equals_each_prompt_alone():
     model = stock_llama()
     prompts = [ids(1, n, seed=n)[0] for n in (4, 11)]
-    batch = torch.zeros(2, 11, dtype=torch.long)
-    mask = torch.zeros(2, 11, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        batch[row, 11 - len(p) :], mask[row, 11 - len(p) :] = p, 1
+    batch, mask = left_padded(prompts)
     kwargs = dict(
         max_new_tokens=15,
         min_new_tokens=15,

@@ -1,7 +1,8 @@
 """LongNet with the libraries around transformers models: PEFT, accelerate's device maps."""
 
+import pytest
 import torch
-from conftest import make_model, random_ids
+from conftest import make_model, random_ids, run_ranks
 from transformers import AutoModelForCausalLM
 
 import longnet  # noqa: F401  (registers LongNet with the Auto classes)
@@ -16,15 +17,7 @@ def test_lora_trains_saves_reloads_and_merges(tmp_path):
     assert trainable and all("lora_" in name for name in trainable)
     assert {name.split(".")[-4] for name in trainable} == set(targets)  # ...q_proj.lora_A.default.weight
     ids = random_ids(2, 40)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses, _ = _train(model.train(), ids)
     assert losses[-1] < losses[0] - 0.1
     model.eval()
     with torch.no_grad():
@@ -86,3 +79,49 @@ def test_torch_compile_forward_and_training_step_match_eager():
             eager.zero_grad()
             compiled_model.zero_grad()
     torch._dynamo.reset()
+
+
+def test_fsdp2_training_matches_one_process(tmp_path):
+    """Two processes training under PyTorch's FSDP2 (``fully_shard`` on each decoder layer and the model,
+    parameters sharded across ranks, gloo) give the losses and weights of one process reading the whole
+    batch, which is what DDP computes. (On CPU the Trainer and accelerate do not apply FSDP: they fall back
+    to DDP, so the sharding is applied here directly, as they do on GPUs.)"""
+    run_ranks(2, _train_sharded, str(tmp_path))
+    expected_losses, expected_weights = _train(make_model().train(), random_ids(4, 48))
+    got = torch.load(tmp_path / "result.pt")
+    assert got["losses"] == pytest.approx(expected_losses, rel=1e-5)
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(got["weights"][name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+def _train(model, ids, group=None) -> tuple[list[float], dict]:
+    """Four AdamW steps on ``ids`` (frozen parameters stay so); with a process group, the loss is averaged
+    over its ranks. Returns the losses and the final weights."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        value = loss.detach().clone()
+        if group is not None:
+            torch.distributed.all_reduce(value, group=group)
+            value /= torch.distributed.get_world_size(group)
+        losses.append(value.item())
+    weights = {name: getattr(t, "full_tensor", lambda t=t: t)().detach() for name, t in model.state_dict().items()}
+    return losses, weights
+
+
+def _train_sharded(rank, world, folder):
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model().train()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    assert type(model.lm_head.weight).__name__ == "DTensor"
+    ids = random_ids(4, 48).chunk(world)[rank]  # equal halves: the mean of the ranks' means is the batch's
+    losses, weights = _train(model, ids, torch.distributed.group.WORLD)
+    if rank == 0:
+        torch.save({"losses": losses, "weights": weights}, f"{folder}/result.pt")

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_model, random_ids
+from conftest import left_padded, make_model, random_ids
 from transformers import DynamicCache, StaticCache, pipeline
 
 from longnet import LongNetCache, LongNetForSequenceClassification, LongNetModel
@@ -78,10 +78,7 @@ def test_longnet_cache_memory_shrinks_after_a_long_prompt():
 def test_longnet_cache_bounded_with_left_padding_and_generate():
     model = make_model()
     prompts = [random_ids(1, n, seed=n)[0] for n in (3, 10)]
-    ids = torch.zeros(2, 10, dtype=torch.long)
-    mask = torch.zeros(2, 10, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, 10 - len(p) :], mask[row, 10 - len(p) :] = p, 1
+    ids, mask = left_padded(prompts)
     out = model.generate(
         ids,
         attention_mask=mask,
@@ -150,12 +147,8 @@ def test_sampling_and_beam_search_work():
 def test_left_padded_batch_equals_each_prompt_alone():
     model = make_model()
     prompts = [random_ids(1, n, seed=n)[0] for n in (5, 13, 9)]
-    longest = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, longest - len(p) :] = p
-        mask[row, longest - len(p) :] = 1
+    ids, mask = left_padded(prompts)
+    longest = ids.shape[1]
     kwargs = dict(
         max_new_tokens=20,
         min_new_tokens=20,

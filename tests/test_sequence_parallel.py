@@ -1,43 +1,15 @@
 """Sequence-parallel dilated attention (gloo, spawned processes) against the single-process kernel."""
 
-import os
-import socket
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import run_ranks
 
 from longnet import dilated_attention
 
 # Per-rank length 32: w = 16 and 32 stay on a rank; 64 and 128 span ranks; r = 6 and 12 do not divide
 # the power-of-two lengths; heads 6 with 2 key/value heads (GQA).
 BRANCHES = ([16, 32, 64, 128], [1, 2, 6, 12])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(world: int, target, *args) -> None:
-    port = free_port()
-    mp.spawn(_entry, args=(world, port, target, args), nprocs=world, join=True)
-
-
-def _entry(rank, world, port, target, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        target(rank, world, *args)
-    except Exception:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def full_inputs(length, heads=6, kv_heads=2, head_dim=8, dtype=torch.float64):
