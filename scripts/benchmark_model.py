@@ -29,6 +29,18 @@ from benchmark_attention import CudaPeakMemory, PeakMemory  # noqa: E402
 
 from longnet import LongNetCache, LongNetConfig, LongNetForCausalLM  # noqa: E402
 
+# The models compared: 2 layers of a 12-head, 768-wide decoder; LongNet with the paper's branches.
+SIZE = dict(
+    vocab_size=4096,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=2,
+    num_attention_heads=12,
+    num_key_value_heads=12,
+    max_position_embeddings=1 << 21,
+)
+BRANCHES = dict(segment_lengths=[2048, 4096, 8192, 16384, 32768], dilation_rates=[1, 2, 4, 6, 12])
+
 
 def build(kind: str, size: dict, branches: dict, dtype: torch.dtype, device: str = "cpu"):
     torch.manual_seed(0)
@@ -151,16 +163,7 @@ def main() -> None:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed blocks leave: see benchmark_attention.py
         os.execv(sys.executable, [sys.executable, *sys.argv])
 
-    size = dict(
-        vocab_size=4096,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=2,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        max_position_embeddings=1 << 21,
-    )
-    branches = dict(segment_lengths=[2048, 4096, 8192, 16384, 32768], dilation_rates=[1, 2, 4, 6, 12])
+    size, branches = dict(SIZE), dict(BRANCHES)
     if args.smoke:
         size.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
         branches = dict(segment_lengths=[16, 32, 64], dilation_rates=[1, 2, 4])

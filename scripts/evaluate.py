@@ -1,11 +1,17 @@
-"""Perplexity of causal LM folders (LongNet or dense) by context length, side by side.
+"""Causal LM folders (LongNet or dense) side by side: perplexity by context length, or pass key retrieval.
 
-Every model is scored on the same held-out documents at every length, read in independent windows
-of that length. Writes ``{out}.md`` (table), ``{out}.json`` and ``{out}.png`` (plot). A length longer
-than every document is skipped, and the output and the table's notes say so.
+``--task perplexity`` (the default): every model is scored on the same held-out documents at every
+length, read in independent windows of that length. Writes ``{out}.md`` (table), ``{out}.json`` and
+``{out}.png`` (plot). A length longer than every document is skipped, and the output and the table's
+notes say so.
+
+``--task passkey``: a random 5-digit key planted in held-out text at each depth, asked for at the end,
+over a grid of context lengths x depths, ``--keys_per_cell`` keys a cell (``longnet.passkey``). Writes
+``{out}/passkey.json``, ``{out}/passkey.md`` and a heatmap ``{out}/passkey_<name>.png`` per model.
 
     python scripts/evaluate.py outputs/longnet-stdlib outputs/llama-stdlib --out docs/results/stdlib_perplexity
     python scripts/evaluate.py MODEL --validation_file held_out/ --context_lengths 1024 4096 16384
+    python scripts/evaluate.py MODEL OTHER --task passkey --lengths 1024 4096 --depths 0 50 100 --out results/
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import longnet  # noqa: F401  (registers LongNet with the Auto classes)
 from longnet.evaluation import check_context_lengths, evaluation_documents, perplexity_by_context, write_report
 from longnet.hub import TOKENIZER_VOCABULARY_FILES
+from longnet.passkey import check_grid, needle_and_question_tokens, passkey_accuracy, write_passkey_report
 from longnet.training import (
     expand_paths,
     fail,
@@ -46,7 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer_name", help="default: the first model's tokenizer")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--trust_remote_code", action="store_true")
-    parser.add_argument("--out", default="perplexity_by_context")
+    parser.add_argument("--task", default="perplexity", choices=["perplexity", "passkey"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384], help="passkey")
+    parser.add_argument(
+        "--depths", type=float, nargs="+", default=[0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100], help="passkey, %%"
+    )
+    parser.add_argument("--keys_per_cell", type=int, default=20, help="passkey")
+    parser.add_argument("--batch_size", type=int, default=1, help="passkey: prompts per generate() call")
+    parser.add_argument("--seed", type=int, default=0, help="passkey: the keys and haystack windows")
+    parser.add_argument("--out", help="perplexity: file prefix (default perplexity_by_context); passkey: folder")
     parser.error = fail  # an unknown flag or bad value: one error line
     args = parser.parse_args(argv)
 
@@ -75,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(error))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=args.trust_remote_code)
     token_lists = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    if args.task == "passkey":
+        evaluate_passkey(args, names, tokenizer, token_lists)
+        return
     try:
         documents, lengths, skipped = evaluation_documents(token_lists, args.context_lengths, args.max_documents)
     except ValueError as error:
@@ -85,10 +103,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results = {}
     for name, folder in zip(names, args.models, strict=True):
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code
-        )
-        results[name] = perplexity_by_context(model, documents, lengths, description=name)
+        results[name] = perplexity_by_context(load_model(folder, args), documents, lengths, description=name)
         trained = (
             json.loads((Path(folder) / "training_info.json").read_text())
             if (Path(folder) / "training_info.json").exists()
@@ -100,15 +115,60 @@ def main(argv: list[str] | None = None) -> None:
             + ", ".join(f"{k}: {v:.2f}" for k, v in results[name].items())
             + (f"  (trained at {block} tokens)" if block else "")
         )
-        del model
+    out = args.out or "perplexity_by_context"
     write_report(
         results,
-        Path(args.out),
+        Path(out),
         title="Validation perplexity by context length",
         notes=f"{len(documents)} held-out documents of {lengths[-1]} tokens each, read in independent windows "
         f"of each length ({args.dtype}). {skipped}".strip(),
     )
-    print(f"wrote {args.out}.md, {args.out}.json, {args.out}.png")
+    print(f"wrote {out}.md, {out}.json, {out}.png")
+
+
+def load_model(folder: str, args):
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code
+    )
+
+
+def evaluate_passkey(args, names: list[str], tokenizer, token_lists: list[list[int]]) -> None:
+    """The pass key grid for every model, on one haystack: the held-out documents end to end."""
+    try:
+        check_grid(args.lengths, args.depths, args.keys_per_cell, needle_and_question_tokens(tokenizer))
+    except ValueError as error:
+        fail(str(error))
+    if args.batch_size < 1:
+        fail(f"--batch_size must be at least 1, got {args.batch_size}")
+    haystack = [token for tokens in token_lists for token in tokens]
+    if len(haystack) < max(args.lengths):
+        fail(
+            f"--lengths {max(args.lengths)}: the held-out text has {len(haystack)} tokens; pass --validation_file "
+            "with more text or shorter --lengths"
+        )
+    results = {}
+    for name, folder in zip(names, args.models, strict=True):
+        results[name] = passkey_accuracy(
+            load_model(folder, args),
+            tokenizer,
+            haystack,
+            args.lengths,
+            args.depths,
+            args.keys_per_cell,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            description=name,
+        )
+        cells = [accuracy for row in results[name].values() for accuracy in row.values()]
+        print(f"{name}: mean accuracy {sum(cells) / len(cells):.2f} over {len(cells)} cells")
+    out = Path(args.out or "passkey")
+    write_passkey_report(
+        results,
+        out,
+        notes=f"{args.keys_per_cell} keys per cell, greedy decoding ({args.dtype}); haystack: "
+        f"{len(token_lists)} held-out documents, {len(haystack)} tokens, windows from seed {args.seed}.",
+    )
+    print(f"wrote {out}/passkey.md, {out}/passkey.json and a heatmap per model")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,27 @@ PY
 timeout 75 python3 scripts/benchmark_model.py --device cuda --train_lengths 32768 131072 --repeats 5 \
     --generation_contexts 4096 65536 --max_step_seconds 5 --out "$OUT/model_cuda" 2>&1 | tee -a "$OUT/checks.log"
 
+timeout 150 python3 - <<'PY' 2>&1 | tee -a "$OUT/checks.log"
+# torch.compile (inductor) against eager: LongNet's training step, bf16, 32K, the model benchmark's size.
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, "scripts")
+from benchmark_model import BRANCHES, SIZE, build, time_training_step
+
+for compiled in (False, True):
+    model = build("longnet", SIZE, BRANCHES, torch.bfloat16, "cuda")
+    first, times, peak = time_training_step(torch.compile(model) if compiled else model, 32768, 5)
+    median = statistics.median(times)
+    print(
+        f"LongNet training step, 32K, {'torch.compile' if compiled else 'eager'}: first {first:.2f} s, "
+        f"median of 5 {median * 1e3:.1f} ms ({32768 / median:,.0f} tokens/s), peak {peak / 2**30:.2f} GiB",
+        flush=True,
+    )
+PY
+
 timeout 30 python3 - <<'PY' 2>&1 | tee -a "$OUT/checks.log"
 import torch
 from torch.profiler import ProfilerActivity, profile

@@ -51,6 +51,7 @@ from longnet import LongNetConfig, LongNetForCausalLM
 from longnet.dilated_attention import check_branches
 from longnet.evaluation import check_context_lengths, evaluation_documents, perplexity_by_context, write_report
 from longnet.hub import TOKENIZER_VOCABULARY_FILES, is_secret_name, redact, redact_command_line, render_model_card
+from longnet.passkey import plant_passkeys, planting_tokens
 from longnet.sequence_parallel import check_split
 from longnet.training import (
     CONFIG_ERRORS,
@@ -142,6 +143,13 @@ class DataArguments:
     preprocessing_num_workers: int | None = None
     eval_context_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384])
     eval_max_documents: int = 4
+    passkey_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of training blocks that carry a pass key: a random 5-digit key at a random place and, "
+            "at the block's end, the question and its answer (the retrieval recipe: docs/results/passkey.md)."
+        },
+    )
     document_boundaries: bool | None = field(
         default=None,
         metadata={
@@ -199,6 +207,11 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = get_tokenizer(model_args, training_args, train_docs, checkpoint)
     model = get_model(model_args, tokenizer, data_args.block_size)
     check_fit(model, tokenizer, data_args.block_size, training_args.sequence_parallel_size)
+    if data_args.passkey_share and data_args.block_size < planting_tokens(tokenizer) + 1:
+        fail(
+            f"--block_size {data_args.block_size} is too short to plant pass keys (the needle, the question and "
+            f"the answer take up to {planting_tokens(tokenizer)} tokens)"
+        )
 
     with training_args.main_process_first(desc="packing"):
         train_blocks = pack_documents(train_docs, tokenizer, data_args.block_size, data_args.preprocessing_num_workers)
@@ -206,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
             validation_docs, tokenizer, data_args.block_size, data_args.preprocessing_num_workers
         )
     check_batches(len(train_blocks), data_args.block_size, training_args)
+    if data_args.passkey_share:
+        train_blocks = plant_passkeys(train_blocks, tokenizer, data_args.passkey_share, training_args.seed)
     if training_args.process_index == 0:
         save_arguments(given, output_dir)
     if not data_args.document_boundaries:
@@ -343,6 +358,8 @@ def check_arguments(model_args, data_args, training_args) -> None:
     """Everything that can be checked before any data is read or model built."""
     if model_args.attention not in ("dilated", "dense"):
         fail(f"--attention must be 'dilated' or 'dense', got {model_args.attention!r}")
+    if not 0 <= data_args.passkey_share <= 1:
+        fail(f"--passkey_share must be between 0 and 1, got {data_args.passkey_share}")
     for name in ("train_file", "validation_file"):
         for path in getattr(data_args, name) or []:
             if not Path(path).exists():

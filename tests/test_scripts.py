@@ -152,7 +152,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_folder(trained, attention
 def test_fine_tune_from_a_trained_folder(trained, corpus, tmp_path):
     source = trained["dilated"][0]
     out = tmp_path / "fine-tuned"
-    run(
+    result = run(
         [
             sys.executable,
             TRAIN,
@@ -166,9 +166,12 @@ def test_fine_tune_from_a_trained_folder(trained, corpus, tmp_path):
             "3",
             "--save_steps",
             "3",
+            "--passkey_share",
+            "0.5",
             *TINY_ARGS,
         ]
     )
+    assert "Planting pass keys in 50% of the blocks" in result.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["segment_lengths"] == [16, 32, 64, 128] and config["hidden_size"] == 32
     assert (out / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
@@ -395,6 +398,8 @@ def bad_inputs(folder: Path) -> dict[str, str]:
         (["--no_such_flag", "1"], "error: unrecognized arguments: --no_such_flag 1"),
         (["--segment_length", "16"], "error: unrecognized arguments: --segment_length 16"),  # no abbreviations
         (["--hidden_size", "33"], "hidden_size (33) must be a multiple of num_attention_heads (2)"),
+        (["--passkey_share", "1.5"], "--passkey_share must be between 0 and 1, got 1.5"),
+        (["--passkey_share", "0.5", "--block_size", "40"], "--block_size 40 is too short to plant pass keys"),
     ],
 )
 def test_bad_arguments_stop_before_training(corpus, tmp_path, capsys, extra, message):

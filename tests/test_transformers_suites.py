@@ -67,13 +67,21 @@ class LongNetModelTest(
 ):
     """transformers' common tests on LongNet.
 
-    Not covered here, and why:
-    - SDPA, flash and flex attention (``test_eager_matches_sdpa_*``, ``test_flash_attn_*``, ...): those
-      kernels compute dense attention, a different model; LongNet's ``_supports_*`` flags are False and the
-      tests skip. The fused dilated kernel is checked against the eager reference in test_dilated_attention.py.
-    - PipelineTesterMixin's task tests live in transformers' ``tests/pipelines/`` (not in the sdist) and load
-      the Hub's tiny checkpoints (none is LongNet): they skip. test_generation.py runs the pipelines.
-    - Tests marked ``@slow`` or needing an accelerator skip, as they do in transformers' own CI without one.
+    What they skip here, and why (``pytest -rs`` lists each skip's reason):
+    - SDPA, flash and flex attention (``test_eager_matches_sdpa_*``, ``test_flash_attn_*``, ``test_sdpa_*``):
+      those kernels compute dense attention, a different model; LongNet's ``_supports_*`` flags are False.
+      The fused dilated kernel is checked against the eager reference in test_dilated_attention.py.
+    - PipelineTesterMixin's tasks: its task tests live in transformers' ``tests/pipelines/`` (not in the
+      sdist) and load the Hub's tiny checkpoints (none is LongNet); tasks of other modalities need timm,
+      av or pytesseract. test_generation.py runs the text-generation, feature-extraction and
+      text-classification pipelines.
+    - Hardware and engines CI does not have: an accelerator or several, MPS, the kernels library,
+      DeepSpeed; ``@slow`` tests (RUN_SLOW; among them compiled training, which test_ecosystem.py covers).
+    - Features LongNet does not have: position embeddings, axial or partial RoPE, sliding windows,
+      sparse experts (router logits, grouped_mm), sub-configs, a sequence-to-sequence head,
+      ``_keep_in_fp32_modules``, legacy checkpoint key renames ("No conversion found").
+    - ``test_bc_cache_name_forward`` runs only for a plain DynamicCache; LongNet returns its bounded
+      LongNetCache, and test_generation.py checks ``past_key_values=`` (deprecated) against ``cache=``.
     """
 
     test_can_init_all_missing_weights_before_2023 = True  # the suite runs it only for models it dates after 2022

@@ -1,0 +1,219 @@
+"""Needle retrieval ("passkey"): a random 5-digit key planted in held-out text, asked for at the end.
+
+For each context length L and depth d, a prompt of exactly L tokens is a window of haystack text with
+the needle sentence inserted at fraction d of it and the question last; the model answers greedily and
+is right when the first 5-digit number it writes is the key. Accuracy per (length, depth) cell, over
+several keys; a heatmap per model and a table by length, depth and distance (needle to question).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+NEEDLE = "\n# The pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\n# What is the pass key? The pass key is"
+KEY_DIGITS = 5
+
+
+@dataclass
+class Prompt:
+    """One retrieval prompt: ``ids`` (exactly the context length), the key, and where the needle starts."""
+
+    ids: list[int]
+    key: str
+    needle_start: int
+
+
+def needle_and_question_tokens(tokenizer) -> int:
+    """The tokens a prompt spends on the needle (with a 5-digit key) and the question."""
+    needle = tokenizer(NEEDLE.format(key="9" * KEY_DIGITS), add_special_tokens=False)["input_ids"]
+    return len(needle) + len(tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
+
+
+def planting_tokens(tokenizer) -> int:
+    """The most tokens ``plant_passkeys`` writes into a block: the needle, the question and the answer."""
+    return needle_and_question_tokens(tokenizer) + KEY_DIGITS + 2  # the answer: up to a token a digit, " ", "\n"
+
+
+def check_grid(lengths: list[int], depths: list[float], keys_per_cell: int, shortest: int) -> None:
+    """Raises a ValueError naming the flag of the first bad value; ``shortest`` is the needle plus question."""
+    if not lengths or not depths:
+        raise ValueError("--lengths and --depths need at least one value each")
+    too_short = [length for length in lengths if length < shortest + 1]
+    if too_short:
+        raise ValueError(
+            f"--lengths must leave room for haystack text beside the needle and question ({shortest} tokens), "
+            f"got {' '.join(map(str, too_short))}"
+        )
+    outside = [depth for depth in depths if not 0 <= depth <= 100]
+    if outside:
+        raise ValueError(f"--depths are percentages from 0 to 100, got {' '.join(map(str, outside))}")
+    if keys_per_cell < 1:
+        raise ValueError(f"--keys_per_cell must be at least 1, got {keys_per_cell}")
+
+
+def make_prompt(tokenizer, haystack: list[int], length: int, depth: float, rng: random.Random) -> Prompt:
+    """A prompt of ``length`` tokens: a random window of ``haystack`` with the needle at ``depth`` percent of
+    it (0: right after the start, 100: right before the question)."""
+    key = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))
+    needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+    question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    room = length - len(needle) - len(question)
+    if room < 1 or len(haystack) < room:
+        raise ValueError(f"a {length}-token prompt needs {room} haystack tokens, the haystack has {len(haystack)}")
+    start = rng.randrange(0, len(haystack) - room + 1)
+    window = haystack[start : start + room]
+    at = round(room * depth / 100)
+    return Prompt(window[:at] + needle + window[at:] + question, key, at)
+
+
+def plant_passkeys(blocks, tokenizer, share: float, seed: int):
+    """Training blocks (``input_ids``, ``labels``, ``position_ids``) of which about ``share`` carry a pass key:
+    the needle at a uniformly random position, and the question with its answer as the block's last tokens,
+    so the language-modelling loss on the answer teaches retrieval across every distance the block allows.
+    A planted block becomes one sequence (positions 0..L-1), so nothing keeps the needle from the question.
+    The same ``seed`` plants the same keys in the same places."""
+
+    def plant(block, index):
+        rng = random.Random(f"{seed}-{index}")
+        if rng.random() >= share:
+            return block
+        key = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))
+        needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+        ending = tokenizer(QUESTION + " " + key + "\n", add_special_tokens=False)["input_ids"]
+        ids = list(block["input_ids"])
+        at = rng.randrange(0, len(ids) - len(needle) - len(ending) + 1)
+        ids[at : at + len(needle)] = needle
+        ids[len(ids) - len(ending) :] = ending
+        return {"input_ids": ids, "labels": [-100, *ids[1:]], "position_ids": list(range(len(ids)))}
+
+    return blocks.map(plant, with_indices=True, desc=f"Planting pass keys in {share:.0%} of the blocks")
+
+
+def answer(text: str) -> str | None:
+    """The first 5-digit number in the model's answer, or None."""
+    found = re.search(rf"\d{{{KEY_DIGITS}}}", text)
+    return found.group(0) if found else None
+
+
+@torch.no_grad()
+def passkey_accuracy(
+    model,
+    tokenizer,
+    haystack: list[int],
+    lengths: list[int],
+    depths: list[float],
+    keys_per_cell: int,
+    batch_size: int = 1,
+    seed: int = 0,
+    description: str = "",
+) -> dict[int, dict[float, float]]:
+    """``{length: {depth: accuracy}}``: greedy exact match of the key over ``keys_per_cell`` prompts a cell.
+
+    The prompts depend only on the tokenizer, the haystack and ``seed``, so models that share a tokenizer
+    are asked the same questions."""
+    model.eval()
+    device = next(model.parameters()).device
+    answer_tokens = len(tokenizer(" " + "9" * KEY_DIGITS, add_special_tokens=False)["input_ids"]) + 2
+    results: dict[int, dict[float, float]] = {}
+    cells = [(length, depth) for length in lengths for depth in depths]
+    with tqdm(total=len(cells) * keys_per_cell, desc=f"passkey {description}".strip(), unit="key") as progress:
+        for length, depth in cells:
+            rng = random.Random(f"{seed}-{length}-{depth}")
+            prompts = [make_prompt(tokenizer, haystack, length, depth, rng) for _ in range(keys_per_cell)]
+            right = 0
+            for first in range(0, len(prompts), batch_size):
+                batch = prompts[first : first + batch_size]
+                ids = torch.tensor([p.ids for p in batch], device=device)
+                out = model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=answer_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                )
+                texts = tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
+                right += sum(answer(text) == prompt.key for text, prompt in zip(texts, batch, strict=True))
+                progress.update(len(batch))
+            results.setdefault(length, {})[depth] = right / keys_per_cell
+    return results
+
+
+def write_passkey_report(results: dict[str, dict[int, dict[float, float]]], out: Path, notes: str = "") -> None:
+    """``{model: {length: {depth: accuracy}}}`` -> ``out/passkey.json``, ``out/passkey.md`` (a table per model
+    and one by distance) and ``out/passkey_<model>.png`` (heatmaps)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "passkey.json").write_text(
+        json.dumps(
+            {
+                name: {str(length): {str(d): a for d, a in row.items()} for length, row in cells.items()}
+                for name, cells in results.items()
+            },
+            indent=1,
+        )
+    )
+    lines = ["# Pass key retrieval: greedy exact-match accuracy", ""]
+    if notes:
+        lines += [notes, ""]
+    for name, cells in results.items():
+        lengths = sorted(cells)
+        depths = sorted({depth for row in cells.values() for depth in row})
+        lines += [f"## {name}", "", "| depth \\ context | " + " | ".join(map(str, lengths)) + " |"]
+        lines.append("|---:|" + "---:|" * len(lengths))
+        for depth in depths:
+            lines.append(f"| {depth:g}% | " + " | ".join(f"{cells[length][depth]:.2f}" for length in lengths) + " |")
+        lines.append("")
+    lines += distance_table(results)
+    (out / "passkey.md").write_text("\n".join(lines) + "\n")
+    for name, cells in results.items():
+        heatmap(name, cells, out / f"passkey_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png")
+
+
+def distance_table(results: dict[str, dict[int, dict[float, float]]]) -> list[str]:
+    """Accuracy by the needle's distance from the question (tokens, rounded to a power of two), per model."""
+    buckets: dict[str, dict[int, list[float]]] = {}
+    for name, cells in results.items():
+        for length, row in cells.items():
+            for depth, accuracy in row.items():
+                distance = max(1, round(length * (100 - depth) / 100))
+                bucket = 1 << (distance.bit_length() - 1)
+                buckets.setdefault(name, {}).setdefault(bucket, []).append(accuracy)
+    distances = sorted({bucket for by_bucket in buckets.values() for bucket in by_bucket})
+    lines = ["## Accuracy by distance from the question", "", "| distance (tokens, ≥) | " + " | ".join(results) + " |"]
+    lines.append("|---:|" + "---:|" * len(results))
+    for bucket in distances:
+        cells = [
+            f"{sum(buckets[name][bucket]) / len(buckets[name][bucket]):.2f}" if bucket in buckets[name] else ""
+            for name in results
+        ]
+        lines.append(f"| {bucket} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def heatmap(name: str, cells: dict[int, dict[float, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted(cells)
+    depths = sorted({depth for row in cells.values() for depth in row})
+    grid = [[cells[length].get(depth, float("nan")) for length in lengths] for depth in depths]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(lengths), 1.2 + 0.35 * len(depths)))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(length) for length in lengths])
+    ax.set_yticks(range(len(depths)), [f"{depth:g}%" for depth in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(f"pass key retrieval: {name}", fontsize=9)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
