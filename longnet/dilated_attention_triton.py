@@ -10,9 +10,11 @@ by log-sum-exp (paper Eq. 10).
 
 Backward recomputes every branch against the merged output and log-sum-exp, which is the gradient of
 one softmax over the multiset union of the branches' keys: exact, mixing weights included. One launch
-computes, per tile, the key/value gradients of a 128-row key block and the query gradient of the
-128-row query block with the same index, and adds them (atomically: a position belongs to several
-branches, and a key/value head serves ``group`` query heads) into float32 accumulators.
+computes, per tile, the key/value gradients of a 128-row key block and either the query gradient of
+the 128-row query block with the same index or (a launch setting, faster at D = 64) each query
+block's share of it inside the key/value loop, and adds them (atomically: a position belongs to
+several branches, and a key/value head serves ``group`` query heads) into float32 accumulators, taken
+a slice of heads at a time for long inputs (``ACCUMULATOR_BYTES``).
 
 Triton is optional: without it this module imports, ``AVAILABLE`` is False and the dispatcher never
 picks it. With ``TRITON_INTERPRET=1`` set before the import, the kernels run on CPU tensors through
@@ -71,9 +73,12 @@ class _Plan:
 
     ``table`` (int64, one row per branch): w, r, segments, slots (``ceil(w/r)``), and the first
     row of the branch in the compact buffers, laid out ``(B*H, segments, slots)``. ``tiles`` (int32,
-    one row per tile): branch, ``b*H + h``, segment, block; heaviest causal blocks first."""
+    one row per tile): branch, ``b*H + h``, segment, block; heaviest causal blocks first. The heads
+    are ``first_head + h``: a slice of the heads keeps their dilation offsets (``head mod r``)."""
 
-    def __init__(self, batch: int, heads: int, length: int, branches: Sequence[tuple[int, int]]) -> None:
+    def __init__(
+        self, batch: int, heads: int, length: int, branches: Sequence[tuple[int, int]], first_head: int
+    ) -> None:
         table, tiles, base = [], [], 0
         head = torch.arange(heads)
         for number, (w, r) in enumerate(branches):
@@ -82,7 +87,7 @@ class _Plan:
             base += batch * heads * segments * slots
             segment = torch.arange(segments).view(segments, 1)
             span = torch.clamp(length - segment * w, max=w)  # positions in the segment
-            kept = torch.clamp(span - head % r + r - 1, min=0) // r  # (segments, H)
+            kept = torch.clamp(span - (first_head + head) % r + r - 1, min=0) // r  # (segments, H)
             blocks = -(-kept // TILE_ROWS)
             seg_of, head_of = (x.flatten() for x in torch.meshgrid(torch.arange(segments), head, indexing="ij"))
             count = blocks.flatten()
@@ -104,8 +109,8 @@ class _Plan:
 
 
 @functools.lru_cache(maxsize=16)
-def _plan(batch: int, heads: int, length: int, branches: tuple[tuple[int, int], ...]) -> _Plan:
-    return _Plan(batch, heads, length, branches)
+def _plan(batch: int, heads: int, length: int, branches: tuple[tuple[int, int], ...], first_head: int = 0) -> _Plan:
+    return _Plan(batch, heads, length, branches, first_head)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,9 +118,10 @@ def _plan(batch: int, heads: int, length: int, branches: tuple[tuple[int, int], 
 
 
 @_jit
-def _tile_of(TILES, TABLE, tile, heads, group, length):
+def _tile_of(TILES, TABLE, tile, heads, first_head, group, length):
     """The tile's branch parameters and row set: batch row, head, key/value head, first position,
-    stride between kept positions, kept count, block, and the compact buffer's first row."""
+    stride between kept positions, kept count, block, and the compact buffer's first row. Heads count
+    from ``first_head`` (a slice of the heads) for the dilation offset only."""
     branch = tl.load(TILES + tile * 4)
     bh = tl.load(TILES + tile * 4 + 1)
     segment = tl.load(TILES + tile * 4 + 2)
@@ -126,7 +132,7 @@ def _tile_of(TILES, TABLE, tile, heads, group, length):
     slots = tl.load(TABLE + branch * 5 + 3).to(tl.int32)
     base = tl.load(TABLE + branch * 5 + 4)
     head = bh % heads
-    offset = head % r
+    offset = (first_head + head) % r
     first = segment * w + offset
     kept = (tl.minimum(w, length - segment * w) - offset + r - 1) // r
     compact = base + (bh.to(tl.int64) * segments + segment) * slots
@@ -175,7 +181,7 @@ def _forward_kernel(
 ):  # fmt: skip
     """One tile: ``BLOCK_M`` kept queries of one (branch, batch row, segment, head) against that row
     set's keys; writes the branch output and log-sum-exp (natural log) to the compact buffers."""
-    b, head, kv_head, first, r, kept, block, compact = _tile_of(TILES, TABLE, tl.program_id(0), heads, group, length)
+    b, head, kv_head, first, r, kept, block, compact = _tile_of(TILES, TABLE, tl.program_id(0), heads, 0, group, length)
     dims = tl.arange(0, HEAD_DIM)
     rows_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     in_range = rows_m < kept
@@ -279,9 +285,10 @@ def _delta_kernel(
 
 @_jit
 def _backward_kv_block(
-    grad_k, grad_v, k, v, q_rows, g_rows, lse_rows, delta_rows, stride_ql, stride_gl, first, r, kept, rows_n,
-    lo, hi, scale_log2,
+    grad_k, grad_v, k, v, q_rows, g_rows, lse_rows, delta_rows, dq_rows, stride_ql, stride_gl, stride_dql, first, r,
+    kept, rows_n, lo, hi, scale, scale_log2,
     CAUSAL_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M1: tl.constexpr, PRECISION: tl.constexpr,
+    DQ_IN_KV_LOOP: tl.constexpr,
 ):  # fmt: skip
     dims = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M1):
@@ -300,6 +307,10 @@ def _backward_kv_block(
         grad_p_t = tl.dot(v, tl.trans(grad_out), input_precision=PRECISION)
         grad_s_t = p_t * (grad_p_t - delta[None, :])
         grad_k = tl.dot(grad_s_t.to(q_t.dtype), tl.trans(q_t), grad_k, input_precision=PRECISION)
+        if DQ_IN_KV_LOOP:
+            grad_q = tl.dot(tl.trans(grad_s_t.to(k.dtype)), k, input_precision=PRECISION)
+            dq_target = dq_rows + position[:, None] * stride_dql + dims[None, :]
+            tl.atomic_add(dq_target, grad_q * scale, mask=in_range[:, None], sem="relaxed")
     return grad_k, grad_v
 
 
@@ -309,20 +320,26 @@ def _backward_kernel(
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     stride_gb, stride_gh, stride_gl, stride_lb, stride_lh,
     stride_dqb, stride_dqh, stride_dql, stride_dkb, stride_dkh, stride_dkl,
-    heads, group, length, scale, scale_log2,
+    heads, first_head, group, length, scale, scale_log2,
     IS_CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_M1: tl.constexpr, BLOCK_N2: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M1: tl.constexpr, BLOCK_N2: tl.constexpr, PRECISION: tl.constexpr, DQ_IN_KV_LOOP: tl.constexpr,
 ):  # fmt: skip
     """One tile: the key/value gradients of key block ``block`` of a row set (looping over its query
     blocks of ``BLOCK_M1``) and the query gradient of query block ``block`` (looping over key blocks
-    of ``BLOCK_N2``), both against the merged log-sum-exp and ``delta``, added into the accumulators."""
-    b, head, kv_head, first, r, kept, block, _ = _tile_of(TILES, TABLE, tl.program_id(0), heads, group, length)
+    of ``BLOCK_N2``), both against the merged log-sum-exp and ``delta``, added into the accumulators.
+    With ``DQ_IN_KV_LOOP`` the key/value loop also adds each query block's share of the query gradient
+    (flash attention 2's order: five products per pair instead of seven, more atomic adds)."""
+    tile = tl.program_id(0)
+    if DQ_IN_KV_LOOP:  # the work is then the key/value loop alone: heaviest first is lowest block first
+        tile = tl.num_programs(0) - 1 - tile
+    b, head, kv_head, first, r, kept, block, _ = _tile_of(TILES, TABLE, tile, heads, first_head, group, length)
     b = b.to(tl.int64)
     dims = tl.arange(0, HEAD_DIM)
     q_rows = Q + b * stride_qb + head.to(tl.int64) * stride_qh
     g_rows = GRAD_OUT + b * stride_gb + head.to(tl.int64) * stride_gh
     lse_rows = LSE + b * stride_lb + head.to(tl.int64) * stride_lh
-    delta_rows = DELTA + (b * heads + head) * length
+    delta_rows = DELTA + b * stride_lb + head.to(tl.int64) * stride_lh  # laid out like the log-sum-exp
+    dq_rows = GRAD_Q + b * stride_dqb + head.to(tl.int64) * stride_dqh
     k_rows = K + b * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_rows = V + b * stride_vb + kv_head.to(tl.int64) * stride_vh
 
@@ -337,17 +354,20 @@ def _backward_kernel(
     lo = block * BLOCK if IS_CAUSAL else 0
     if IS_CAUSAL:
         grad_k, grad_v = _backward_kv_block(
-            grad_k, grad_v, k, v, q_rows, g_rows, lse_rows, delta_rows, stride_ql, stride_gl, first, r, kept, rows_n,
-            lo, tl.minimum(lo + BLOCK, kept), scale_log2, True, HEAD_DIM, BLOCK_M1, PRECISION,
+            grad_k, grad_v, k, v, q_rows, g_rows, lse_rows, delta_rows, dq_rows, stride_ql, stride_gl, stride_dql,
+            first, r, kept, rows_n, lo, tl.minimum(lo + BLOCK, kept), scale, scale_log2,
+            True, HEAD_DIM, BLOCK_M1, PRECISION, DQ_IN_KV_LOOP,
         )  # fmt: skip
         lo += BLOCK
     grad_k, grad_v = _backward_kv_block(
-        grad_k, grad_v, k, v, q_rows, g_rows, lse_rows, delta_rows, stride_ql, stride_gl, first, r, kept, rows_n,
-        lo, kept, scale_log2, False, HEAD_DIM, BLOCK_M1, PRECISION,
+        grad_k, grad_v, k, v, q_rows, g_rows, lse_rows, delta_rows, dq_rows, stride_ql, stride_gl, stride_dql,
+        first, r, kept, rows_n, lo, kept, scale, scale_log2, False, HEAD_DIM, BLOCK_M1, PRECISION, DQ_IN_KV_LOOP,
     )  # fmt: skip
     kv_target = b * stride_dkb + kv_head.to(tl.int64) * stride_dkh + position_n[:, None] * stride_dkl + dims[None, :]
     tl.atomic_add(GRAD_K + kv_target, grad_k * scale, mask=n_in_range[:, None], sem="relaxed")
     tl.atomic_add(GRAD_V + kv_target, grad_v, mask=n_in_range[:, None], sem="relaxed")
+    if DQ_IN_KV_LOOP:
+        return
 
     # Query gradient of the query block with the same index.
     rows_m = block * BLOCK + tl.arange(0, BLOCK)
@@ -380,10 +400,18 @@ def _backward_kernel(
 # Launchers: the path's interface (the same as the other fused paths')
 
 # Launch settings by head size: forward (key block, warps, stages) and backward (query block of the
-# key/value loop, key block of the query loop, warps, stages); other head sizes use the first entry.
-# Chosen by the sweep in scripts/run_cuda_checks.sh on an H200 (docs/benchmarks/attention_cuda.md).
+# key/value loop, key block of the query loop, warps, stages, query gradient in the key/value loop);
+# other head sizes use the first entry. Chosen by the sweep in scripts/run_cuda_checks.sh on an H100
+# (docs/benchmarks/cuda_checks.log): the query gradient inside the key/value loop is 4% faster at
+# D = 64 and 2.5% slower at D = 128, both beyond the spread between rounds.
 FORWARD_CONFIGS = {64: (64, 4, 3), 128: (64, 8, 3)}
-BACKWARD_CONFIGS = {64: (32, 64, 4, 3), 128: (32, 32, 8, 3)}
+BACKWARD_CONFIGS = {64: (64, 64, 8, 3, True), 128: (32, 32, 8, 3, False)}
+# The merge pass (and the backward's delta pass): positions per program, warps.
+MERGE_CONFIG = (32, 4)
+# The most memory the backward's float32 gradient accumulators take at once: longer inputs are done a
+# slice of key/value heads (with their query heads) at a time, each slice cast to the input dtype
+# before the next starts (at 4M tokens, 12 heads, D = 64 all three would take 39 GB at once).
+ACCUMULATOR_BYTES = 4 << 30
 
 
 def _config(configs: dict, head_dim: int) -> tuple[int, ...]:
@@ -435,10 +463,11 @@ def forward(
     )  # fmt: skip
     out = torch.empty_like(query)
     lse = torch.empty(batch, heads, length, dtype=torch.float32, device=query.device)
-    block_t = 64
+    block_t, warps = MERGE_CONFIG
     _merge_kernel[(triton.cdiv(length, block_t), batch * heads)](
         branch_out, branch_lse, table, out, lse, len(branches), heads, length,
         *_strides(out), lse.stride(0), lse.stride(1), HEAD_DIM=head_dim, BLOCK_T=block_t,
+        **_launch_options(warps, 1),
     )  # fmt: skip
     return out, lse
 
@@ -454,29 +483,51 @@ def backward(
     is_causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float32 gradients of query, key and value (laid out like them), every branch recomputed against
-    the merged ``out`` and ``lse``."""
+    """Gradients of query, key and value in their dtype (laid out like them), every branch recomputed
+    against the merged ``out`` and ``lse``, accumulated in float32 a slice of heads at a time."""
     query, key, value, out, grad_out = (_unit_last_stride(x) for x in (query, key, value, out, grad_out))
     batch, heads, length, head_dim = query.shape
-    plan = _plan(batch, heads, length, tuple(branches))
-    table, tiles = plan.tensors(query.device)
-    delta = torch.empty(batch, heads, length, dtype=torch.float32, device=query.device)
-    block_t = 64
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    block_t, warps = MERGE_CONFIG
     _delta_kernel[(triton.cdiv(length, block_t), batch * heads)](
-        out, grad_out, delta, heads, length, *_strides(out), *_strides(grad_out), HEAD_DIM=head_dim, BLOCK_T=block_t
-    )
-    grad_q = torch.zeros_like(query, dtype=torch.float32)
-    grad_k = torch.zeros_like(key, dtype=torch.float32)
-    grad_v = torch.zeros_like(value, dtype=torch.float32)
-    if grad_k.stride() != grad_v.stride():  # the kernel adds both through one set of strides
-        grad_v = torch.zeros_like(grad_k)
-    block_m1, block_n2, warps, stages = _config(BACKWARD_CONFIGS, head_dim)
-    _backward_kernel[(tiles.shape[0],)](
-        query, key, value, grad_out, lse, delta, grad_q, grad_k, grad_v, table, tiles,
-        *_strides(query), *_strides(key), *_strides(value), *_strides(grad_out), lse.stride(0), lse.stride(1),
-        *_strides(grad_q), *_strides(grad_k),
-        heads, heads // key.shape[1], length, scale, scale * math.log2(math.e),
-        IS_CAUSAL=is_causal, HEAD_DIM=head_dim, BLOCK=TILE_ROWS, BLOCK_M1=block_m1, BLOCK_N2=block_n2,
-        PRECISION=_precision(query), **_launch_options(warps, stages),
+        out, grad_out, delta, heads, length, *_strides(out), *_strides(grad_out), HEAD_DIM=head_dim, BLOCK_T=block_t,
+        **_launch_options(warps, 1),
     )  # fmt: skip
+    grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    accumulator_bytes = 4 * batch * length * head_dim * (group + 2)  # of one key/value head and its queries
+    kv_slice = max(1, min(kv_heads, ACCUMULATOR_BYTES // accumulator_bytes))
+    for kv_start in range(0, kv_heads, kv_slice):
+        kv_heads_here = slice(kv_start, min(kv_start + kv_slice, kv_heads))
+        heads_here = slice(kv_heads_here.start * group, kv_heads_here.stop * group)
+        _backward_slice(
+            *(x[:, heads_here] for x in (query, grad_out, lse, delta, grad_q)),
+            *(x[:, kv_heads_here] for x in (key, value, grad_k, grad_v)),
+            heads_here.start, branches, is_causal, scale,
+        )  # fmt: skip
     return grad_q, grad_k, grad_v
+
+
+def _backward_slice(
+    query, grad_out, lse, delta, grad_q, key, value, grad_k, grad_v, first_head, branches, is_causal, scale
+) -> None:
+    """The backward launch for a slice of the heads, its float32 accumulators cast into the gradients."""
+    batch, heads, length, head_dim = query.shape
+    table, tiles = _plan(batch, heads, length, tuple(branches), first_head).tensors(query.device)
+    accumulators = [torch.zeros_like(x, dtype=torch.float32) for x in (query, key, value)]
+    if accumulators[1].stride() != accumulators[2].stride():  # the kernel adds both through one set of strides
+        accumulators[2] = torch.zeros_like(accumulators[1])
+    accumulate_q, accumulate_k, accumulate_v = accumulators
+    block_m1, block_n2, warps, stages, dq_in_kv_loop = _config(BACKWARD_CONFIGS, head_dim)
+    _backward_kernel[(tiles.shape[0],)](
+        query, key, value, grad_out, lse, delta, accumulate_q, accumulate_k, accumulate_v, table, tiles,
+        *_strides(query), *_strides(key), *_strides(value), *_strides(grad_out), lse.stride(0), lse.stride(1),
+        *_strides(accumulate_q), *_strides(accumulate_k),
+        heads, first_head, heads // key.shape[1], length, scale, scale * math.log2(math.e),
+        IS_CAUSAL=is_causal, HEAD_DIM=head_dim, BLOCK=TILE_ROWS, BLOCK_M1=block_m1, BLOCK_N2=block_n2,
+        PRECISION=_precision(query), DQ_IN_KV_LOOP=dq_in_kv_loop, **_launch_options(warps, stages),
+    )  # fmt: skip
+    for gradient, accumulator in zip((grad_q, grad_k, grad_v), accumulators, strict=True):
+        gradient.copy_(accumulator)

@@ -192,12 +192,17 @@ def main() -> None:
                 ]
                 for method in sorted(set(methods) - set(fits)):
                     print(f"{dtype_name} N={length} {method} {pass_name}: skipped, projected to exceed memory")
-                times = {m: [] for m in fits}
                 memory = {m: 0 for m in fits}
                 first_call = {}
-                for method in fits:  # warm-up, not timed: on CUDA at the same shape (compilation, index lists)
+                for method in list(fits):  # warm-up, not timed: on CUDA at the same shape (compilation, index lists)
                     warm = (q, k, v) if on_cuda else (q[:, :, :2048], k[:, :, :2048], v[:, :, :2048])
-                    first_call[method] = run_once(method, *warm, backward)[0]
+                    try:
+                        first_call[method] = run_once(method, *warm, backward)[0]
+                    except torch.OutOfMemoryError:  # a GPU says so (a CPU process would be killed: the guard)
+                        print(f"{dtype_name} N={length} {method} {pass_name}: out of memory")
+                        fits.remove(method)
+                        torch.cuda.empty_cache()
+                times = {m: [] for m in fits}
                 for _ in range(repeats):
                     for method in fits:  # alternate the methods
                         elapsed, used = run_once(method, q, k, v, backward)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, as one run of at most about 6 minutes on a lent machine: the kernel tests
-# (their CUDA and compiled-Triton cases run only there), a sweep of the Triton kernels' launch settings,
-# the attention benchmark (triton and sdpa paths against dense flash, same process, with the settings
-# the sweep chose), the model benchmark, and a profile at 32K. Writes everything under $OUT (default
-# outputs/cuda): checks.log (machine, tests, sweep, benchmark lines, profile) and the benchmarks'
+# The checks that need a GPU, as one run of at most about 7 minutes on a lent machine: the kernel tests
+# (their CUDA and compiled-Triton cases run only there), then in one process a sweep of the Triton
+# kernels' launch settings and, with the settings it chose, the attention benchmark (triton and sdpa
+# paths against dense flash), the model benchmark, torch.compile against eager, and a profile at 32K.
+# Writes everything under $OUT (default outputs/cuda): checks.log (machine, tests, sweep, benchmark lines, profile) and the benchmarks'
 # attention_cuda.{json,md,png}, attention_cuda_d128.md and model_cuda.{json,md,png}, at most 8 files
 # (what a lent machine sends back); docs/benchmarks/ holds the committed copies.
 #   bash scripts/run_cuda_checks.sh
@@ -21,11 +21,12 @@ fi
     python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/checks.log"
-timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_dilated_attention.py 2>&1 | tail -40 | tee -a "$OUT/checks.log"
+timeout 110 python3 -m pytest -q -x -p no:cacheprovider tests/test_dilated_attention.py 2>&1 | tail -40 | tee -a "$OUT/checks.log"
 
-timeout 260 python3 - "$OUT" <<'PY' 2>&1 | tee -a "$OUT/checks.log"
-# Sweep the Triton launch settings (bf16, H = 12, the paper's branches, 32K and 128K), keep the fastest,
-# then run the attention benchmark in this process with them.
+timeout 400 python3 - "$OUT" <<'PY' 2>&1 | tee -a "$OUT/checks.log"
+# One process, so that every benchmark runs with the launch settings the sweep chose: the sweep (bf16,
+# H = 12, the paper's branches, 32K and 128K), the attention benchmark, the model benchmark, torch.compile
+# against eager, a profile at 32K, and the head size 128 benchmark.
 import json
 import shutil
 import statistics
@@ -33,9 +34,11 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, "scripts")
 import benchmark_attention
+import benchmark_model
 
 from longnet import dilated_attention
 from longnet import dilated_attention_triton as triton_path
@@ -63,85 +66,102 @@ def median_ms(length, head_dim, backward, runs=7):
     return statistics.median(times)
 
 
-OPTIONS = {  # (key block, warps, stages); (query block, key block, warps, stages)
-    64: (
-        [(64, 4, 3), (64, 4, 2), (64, 8, 3), (128, 4, 3), (128, 8, 3), (128, 8, 2)],
-        [(32, 32, 4, 3), (32, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 8, 3)],
-    ),
-    128: ([(64, 8, 3), (64, 8, 2), (128, 8, 2)], [(32, 32, 8, 3), (32, 32, 8, 2), (64, 64, 8, 2)]),
-}
-deadline = time.time() + 110  # the sweep's share of the run; options past it are not tried
-sweep = {}
-for head_dim, (forward_options, backward_options) in OPTIONS.items():
-    results = {"forward": {}, "backward": {}}
-    for option in forward_options:
-        if time.time() > deadline and results["forward"]:
-            break
-        triton_path.FORWARD_CONFIGS[head_dim] = option
-        try:
-            results["forward"][str(option)] = sum(median_ms(n, head_dim, False) for n in (32768, 131072))
-        except Exception as error:  # a setting that does not compile (resources) is dropped
-            print(f"D={head_dim} forward {option} failed: {str(error)[:300]}", flush=True)
-    best_forward = min(forward_options, key=lambda o: results["forward"].get(str(o), float("inf")))
-    triton_path.FORWARD_CONFIGS[head_dim] = best_forward
-    for option in backward_options:
-        if time.time() > deadline and results["backward"]:
-            break
-        triton_path.BACKWARD_CONFIGS[head_dim] = option
-        try:
-            results["backward"][str(option)] = sum(median_ms(n, head_dim, True) for n in (32768, 131072))
-        except Exception as error:
-            print(f"D={head_dim} backward {option} failed: {str(error)[:300]}", flush=True)
-    best_backward = min(backward_options, key=lambda o: results["backward"].get(str(o), float("inf")))
-    triton_path.BACKWARD_CONFIGS[head_dim] = best_backward
-    sweep[head_dim] = {"results": results, "forward": best_forward, "backward": best_backward}
-    print(f"D={head_dim}: forward {best_forward}, backward {best_backward}", json.dumps(results, indent=1), flush=True)
+def sweep(name, head_dim, options, apply, backward, rounds=2):
+    """Times every option ``rounds`` times, options alternating (the spread between rounds is the noise),
+    applies the one with the least mean and prints all."""
+    results = {str(option): [] for option in options}
+    for _ in range(rounds):
+        for option in options:
+            if time.time() > deadline and results[str(option)]:
+                continue
+            apply(option)
+            try:
+                results[str(option)].append(sum(median_ms(n, head_dim, backward) for n in (32768, 131072)))
+            except Exception as error:  # a setting that does not compile (resources) is dropped
+                print(f"D={head_dim} {name} {option} failed: {str(error)[:300]}", flush=True)
+    mean = {key: statistics.mean(values) if values else float("inf") for key, values in results.items()}
+    best = min(options, key=lambda option: mean[str(option)])
+    apply(best)
+    print(f"D={head_dim} {name}: {best} (ms, sum of 32K and 128K, per round)", json.dumps(results), flush=True)
+
+
+# Forward: (key block, warps, stages). Merge: (positions per program, warps). Backward: (query block of
+# the key/value loop, key block of the query loop, warps, stages, query gradient added inside the
+# key/value loop).
+deadline = time.time() + 130  # the sweep's share of the run; options past it are not tried again
+for head_dim, forward_options, backward_options in (
+    (64, [(64, 4, 3), (128, 4, 3)], [(32, 64, 4, 3, False), (64, 64, 8, 3, True), (32, 64, 8, 3, True)]),
+    (128, [(64, 8, 3)], [(32, 32, 8, 3, False), (32, 32, 8, 3, True)]),
+):
+    sweep("forward", head_dim, forward_options, lambda o: triton_path.FORWARD_CONFIGS.update({head_dim: o}), False)
+    if head_dim == 64:
+        merge_options = [(64, 4), (128, 4), (128, 8), (256, 8), (32, 4)]
+        sweep("merge", head_dim, merge_options, lambda o: setattr(triton_path, "MERGE_CONFIG", o), False)
+    sweep("backward", head_dim, backward_options, lambda o: triton_path.BACKWARD_CONFIGS.update({head_dim: o}), True)
+
+# Fixed costs at a short length: CPU time to queue a call (no waiting) against the call's wall time.
+q, k, v = (torch.randn(1, 12, 8192, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+for backward in (False, True):
+    queued, wall = [], []
+    for _ in range(21):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = dilated_attention(q, k, v, segments, rates)
+        if backward:
+            out.backward(torch.ones_like(out))
+        queued.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        wall.append(time.perf_counter() - start)
+    print(f"8K {'forward+backward' if backward else 'forward'}: CPU to queue {statistics.median(queued) * 1e3:.2f} ms, "
+          f"wall {statistics.median(wall) * 1e3:.2f} ms", flush=True)
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    for _ in range(5):
+        out = dilated_attention(q, k, v, segments, rates)
+        out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+print("8K, 5 x forward+backward, by CPU time")
+print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+
+
+def run_script(module, argv):
+    sys.argv = [f"{module.__name__}.py", *argv]
+    started = time.time()
+    try:
+        module.main()
+    except Exception as error:  # one benchmark's failure must not hide the others' results
+        print(f"{module.__name__} {argv[:4]} failed: {error!r}", flush=True)
+    print(f"{module.__name__}: {time.time() - started:.0f} s", flush=True)
+
 
 lengths = [1 << p for p in (13, 14, 15, 16, 17, 18, 20, 22)]
-sys.argv = ["benchmark_attention.py", "--device", "cuda", "--lengths", *map(str, lengths)]
-sys.argv += ["--out", f"{out_dir}/attention_cuda"]
-benchmark_attention.main()
-sys.argv = ["benchmark_attention.py", "--device", "cuda", "--head_dim", "128", "--lengths", "32768", "131072",
-            "--out", "/tmp/attention_cuda_d128"]
-benchmark_attention.main()
-shutil.copy("/tmp/attention_cuda_d128.md", out_dir)
-PY
+run_script(benchmark_attention, ["--device", "cuda", "--lengths", *map(str, lengths), "--no_memory_guard",
+                                 "--out", f"{out_dir}/attention_cuda"])
+run_script(benchmark_model, ["--device", "cuda", "--train_lengths", "32768", "131072", "--repeats", "5",
+                             "--generation_contexts", "4096", "65536", "--max_step_seconds", "5",
+                             "--out", f"{out_dir}/model_cuda"])
 
-timeout 75 python3 scripts/benchmark_model.py --device cuda --train_lengths 32768 131072 --repeats 5 \
-    --generation_contexts 4096 65536 --max_step_seconds 5 --out "$OUT/model_cuda" 2>&1 | tee -a "$OUT/checks.log"
-
-timeout 150 python3 - <<'PY' 2>&1 | tee -a "$OUT/checks.log"
 # torch.compile (inductor) against eager: LongNet's training step, bf16, 32K, the model benchmark's size.
-import statistics
-import sys
-
-import torch
-
-sys.path.insert(0, "scripts")
-from benchmark_model import BRANCHES, SIZE, build, time_training_step
-
 for compiled in (False, True):
-    model = build("longnet", SIZE, BRANCHES, torch.bfloat16, "cuda")
-    first, times, peak = time_training_step(torch.compile(model) if compiled else model, 32768, 5)
+    try:
+        model = benchmark_model.build("longnet", benchmark_model.SIZE, benchmark_model.BRANCHES, torch.bfloat16, "cuda")
+        first, times, peak = benchmark_model.time_training_step(torch.compile(model) if compiled else model, 32768, 5)
+    except Exception as error:
+        print(f"compile check ({compiled=}) failed: {error!r}"[:600], flush=True)
+        continue
     median = statistics.median(times)
     print(
         f"LongNet training step, 32K, {'torch.compile' if compiled else 'eager'}: first {first:.2f} s, "
         f"median of 5 {median * 1e3:.1f} ms ({32768 / median:,.0f} tokens/s), peak {peak / 2**30:.2f} GiB",
         flush=True,
     )
-PY
-
-timeout 30 python3 - <<'PY' 2>&1 | tee -a "$OUT/checks.log"
-import torch
-from torch.profiler import ProfilerActivity, profile
-
-from longnet import dilated_attention
+    del model
+    torch.cuda.empty_cache()
 
 q, k, v = (torch.randn(1, 12, 32768, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
 
 
 def step():
-    out = dilated_attention(q, k, v, [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12])
+    out = dilated_attention(q, k, v, segments, rates)
     out.backward(torch.ones_like(out))
 
 
@@ -153,5 +173,9 @@ with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
     torch.cuda.synchronize()
 print("dilated attention (auto: triton), bf16, 32K, H=12, D=64, 5 x forward+backward")
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), flush=True)
+
+run_script(benchmark_attention, ["--device", "cuda", "--head_dim", "128", "--lengths", "32768", "131072",
+                                 "--out", "/tmp/attention_cuda_d128"])
+shutil.copy("/tmp/attention_cuda_d128.md", out_dir)
 PY

@@ -188,6 +188,30 @@ def test_triton_matches_reference(case, is_causal, dtype):
             assert (grad.double() - ref_grad.double()).norm() / ref_grad.double().norm() < 0.02
 
 
+@pytest.mark.skipif(not HAS_TRITON_PATH, reason="needs triton (and CUDA or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("head_dim", [16, 128])
+def test_triton_backward_one_head_slice_at_a_time(head_dim, monkeypatch):
+    """Long inputs get their float32 accumulators a slice of key/value heads at a time; each slice keeps
+    its heads' dilation offsets and GQA groups. Forced here by a 1-byte budget: one key/value head (and
+    its query heads) per launch, against the reference. The two head sizes take the two backward orders
+    (query gradient inside the key/value loop, and in a loop of its own: BACKWARD_CONFIGS)."""
+    # Head size 16 takes the first entry's settings (64's); 128 must take the other order.
+    assert triton_path.BACKWARD_CONFIGS[128][4] != next(iter(triton_path.BACKWARD_CONFIGS.values()))[4]
+    monkeypatch.setattr(triton_path, "ACCUMULATOR_BYTES", 1)
+    dtype = TRITON_DTYPES[0]
+    branches = [(32, 1), (64, 2), (96, 3)]
+    inputs = make_inputs(2, 6, 3, 100, 100, head_dim, dtype, TRITON_DEVICE)
+    inputs = [x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in inputs]
+    segments, rates = zip(*branches, strict=True)
+    out = dilated_attention(*inputs, segments, rates, backend="triton")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_grads = torch.autograd.grad(reference_attention(*inputs, branches, True)[0], inputs, grad_out.double())
+    for grad, ref_grad, tensor in zip(grads, ref_grads, inputs, strict=True):
+        assert grad.stride() == tensor.stride()  # laid out like the input
+        assert (grad.double() - ref_grad).norm() / ref_grad.norm() < (1e-5 if dtype == torch.float32 else 0.02)
+
+
 @pytest.mark.parametrize("backend", FP64_BACKENDS)
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
 def test_gradcheck(backend, is_causal):
