@@ -74,27 +74,47 @@ def make_prompt(tokenizer, haystack: list[int], length: int, depth: float, rng: 
     return Prompt(window[:at] + needle + window[at:] + question, key, at)
 
 
-def plant_passkeys(blocks, tokenizer, share: float, seed: int):
-    """Training blocks (``input_ids``, ``labels``, ``position_ids``) of which about ``share`` carry a pass key:
-    the needle at a uniformly random position, and the question with its answer as the block's last tokens,
-    so the language-modelling loss on the answer teaches retrieval across every distance the block allows.
-    A planted block becomes one sequence (positions 0..L-1), so nothing keeps the needle from the question.
-    The same ``seed`` plants the same keys in the same places."""
+def plant_passkeys(blocks, tokenizer, share: float, seed: int, episodes: int = 1):
+    """Training blocks (``input_ids``, ``labels``, ``position_ids``) of which about ``share`` carry pass keys.
+
+    A planted block is cut into n equal episodes, n drawn uniformly from 1, 2, 4, ... up to ``episodes``
+    (only as many as leave room for haystack text), so the needle-to-question distances the block
+    trains cover every scale up to its length. Each episode keeps its own text with a random key's
+    needle at a uniformly random position and ends with the question and its answer; the answer is the
+    latest needle's key. A planted block becomes one sequence (positions 0..L-1), so nothing keeps the
+    needle from the question. Every block gains ``answer_mask``: 1 on the answer tokens, else 0 (for
+    ``AnswerWeightedTrainer``). The same ``seed`` plants the same keys in the same places."""
+    shortest_episode = planting_tokens(tokenizer) + 1
+    question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+
+    def plant_episode(ids: list[int], mask: list[int], rng: random.Random) -> None:
+        key = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))
+        needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+        reply = tokenizer(" " + key + "\n", add_special_tokens=False)["input_ids"]
+        at = rng.randrange(0, len(ids) - len(needle) - len(question) - len(reply) + 1)
+        ids[at : at + len(needle)] = needle
+        ids[len(ids) - len(question) - len(reply) :] = question + reply
+        mask[len(ids) - len(reply) :] = [1] * len(reply)
 
     def plant(block, index):
         rng = random.Random(f"{seed}-{index}")
+        length = len(block["input_ids"])
         if rng.random() >= share:
-            return block
-        key = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))
-        needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
-        ending = tokenizer(QUESTION + " " + key + "\n", add_special_tokens=False)["input_ids"]
-        ids = list(block["input_ids"])
-        at = rng.randrange(0, len(ids) - len(needle) - len(ending) + 1)
-        ids[at : at + len(needle)] = needle
-        ids[len(ids) - len(ending) :] = ending
-        return {"input_ids": ids, "labels": [-100, *ids[1:]], "position_ids": list(range(len(ids)))}
+            return {**block, "answer_mask": [0] * length}
+        counts = [n for n in (1 << i for i in range(episodes.bit_length())) if length // n >= shortest_episode]
+        count = rng.choice(counts)
+        ids, mask = list(block["input_ids"]), [0] * length
+        bounds = [length * i // count for i in range(count + 1)]
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            episode_ids, episode_mask = ids[start:end], mask[start:end]
+            plant_episode(episode_ids, episode_mask, rng)
+            ids[start:end], mask[start:end] = episode_ids, episode_mask
+        return {"input_ids": ids, "labels": [-100, *ids[1:]], "position_ids": list(range(length)), "answer_mask": mask}
 
-    return blocks.map(plant, with_indices=True, desc=f"Planting pass keys in {share:.0%} of the blocks")
+    description = f"Planting pass keys in {share:.0%} of the blocks"
+    if episodes > 1:
+        description += f" (1 to {episodes} per block)"
+    return blocks.map(plant, with_indices=True, desc=description)
 
 
 def answer(text: str) -> str | None:

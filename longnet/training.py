@@ -1,5 +1,5 @@
-"""Training causal LMs on long documents: corpus files, a tokenizer, packed blocks, and a Trainer that
-splits each sequence across processes.
+"""Training causal LMs on long documents: corpus files, a tokenizer, packed blocks, a Trainer that
+splits each sequence across processes and one that weighs pass-key answers.
 
 Used by ``scripts/train.py`` and ``scripts/evaluate.py``; not needed to load or run a model.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import datasets
+import torch
 import torch.distributed as dist
 from huggingface_hub.errors import StrictDataclassError
 from torch.utils.data import DataLoader, DistributedSampler
@@ -289,4 +290,34 @@ class SequenceParallelTrainer(Trainer):
         )
         # Same value; gradient times the group size (see the class docstring).
         loss = outputs.loss + (self.sequence_parallel_size - 1) * (outputs.loss - outputs.loss.detach())
+        return (loss, outputs) if return_outputs else loss
+
+
+class AnswerWeightedTrainer(Trainer):
+    """A Trainer whose loss counts each pass-key answer token (``answer_mask`` of ``plant_passkeys``) as
+    ``1 + answer_weight`` tokens: the weighted mean of the next-token cross-entropy over the batch.
+
+    An answer is ~5 tokens of an episode's hundreds; with the plain language-modelling loss a small model
+    learns retrieval far more slowly (docs/results/passkey.md). Blocks without ``answer_mask`` (evaluation)
+    get the model's own loss.
+    """
+
+    def __init__(self, *args, answer_weight: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.answer_weight = answer_weight
+        self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+        self.args.remove_unused_columns = False  # keep answer_mask, which the model's forward does not take
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        answer_mask = inputs.pop("answer_mask", None)
+        if answer_mask is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        targets, answers = labels[:, 1:], answer_mask[:, 1:]
+        token_losses = torch.nn.functional.cross_entropy(
+            outputs.logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
+        )
+        weights = (targets != -100) * (1 + self.answer_weight * answers)
+        loss = (token_losses * weights.flatten()).sum() / weights.sum()
         return (loss, outputs) if return_outputs else loss

@@ -55,6 +55,7 @@ from longnet.passkey import plant_passkeys, planting_tokens
 from longnet.sequence_parallel import check_split
 from longnet.training import (
     CONFIG_ERRORS,
+    AnswerWeightedTrainer,
     SequenceParallelTrainer,
     expand_paths,
     fail,
@@ -96,6 +97,8 @@ RUN_DEFINING = [
     "validation_split_percentage",
     "max_train_documents",
     "document_boundaries",
+    "passkey_share",
+    "passkey_episodes",
     "seed",
     "data_seed",
     "per_device_train_batch_size",
@@ -149,6 +152,17 @@ class DataArguments:
             "help": "Share of training blocks that carry a pass key: a random 5-digit key at a random place and, "
             "at the block's end, the question and its answer (the retrieval recipe: docs/results/passkey.md)."
         },
+    )
+    passkey_episodes: int = field(
+        default=1,
+        metadata={
+            "help": "Most pass keys per planted block: each is cut into 1, 2, 4, ... up to this many equal episodes "
+            "(drawn at random), each with its own needle, question and answer, so training distances cover every scale."
+        },
+    )
+    passkey_answer_weight: float = field(
+        default=0.0,
+        metadata={"help": "Extra loss weight of planted keys' answer tokens (0: the plain language-modelling loss)."},
     )
     document_boundaries: bool | None = field(
         default=None,
@@ -220,7 +234,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     check_batches(len(train_blocks), data_args.block_size, training_args)
     if data_args.passkey_share:
-        train_blocks = plant_passkeys(train_blocks, tokenizer, data_args.passkey_share, training_args.seed)
+        train_blocks = plant_passkeys(
+            train_blocks, tokenizer, data_args.passkey_share, training_args.seed, data_args.passkey_episodes
+        )
+        if not data_args.passkey_answer_weight:
+            train_blocks = train_blocks.remove_columns("answer_mask")
     if training_args.process_index == 0:
         save_arguments(given, output_dir)
     if not data_args.document_boundaries:
@@ -240,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     if training_args.sequence_parallel_size > 1:
         group = sequence_parallel_group(training_args.sequence_parallel_size)
         trainer = SequenceParallelTrainer(**trainer_kwargs, sequence_parallel_group=group)
+    elif data_args.passkey_answer_weight:
+        trainer = AnswerWeightedTrainer(**trainer_kwargs, answer_weight=data_args.passkey_answer_weight)
     else:
         trainer = Trainer(**trainer_kwargs)
     started = time.time()
@@ -360,6 +380,19 @@ def check_arguments(model_args, data_args, training_args) -> None:
         fail(f"--attention must be 'dilated' or 'dense', got {model_args.attention!r}")
     if not 0 <= data_args.passkey_share <= 1:
         fail(f"--passkey_share must be between 0 and 1, got {data_args.passkey_share}")
+    if data_args.passkey_episodes < 1:
+        fail(f"--passkey_episodes must be at least 1, got {data_args.passkey_episodes}")
+    if data_args.passkey_answer_weight < 0:
+        fail(f"--passkey_answer_weight must be at least 0, got {data_args.passkey_answer_weight}")
+    if not data_args.passkey_share:
+        for name, given in (
+            ("passkey_episodes", data_args.passkey_episodes != 1),
+            ("passkey_answer_weight", data_args.passkey_answer_weight),
+        ):
+            if given:
+                fail(f"--{name} needs --passkey_share above 0 (no block carries a pass key)")
+    if data_args.passkey_answer_weight and training_args.sequence_parallel_size > 1:
+        fail("--passkey_answer_weight does not work with --sequence_parallel_size above 1 (each rank sees a chunk)")
     for name in ("train_file", "validation_file"):
         for path in getattr(data_args, name) or []:
             if not Path(path).exists():

@@ -140,24 +140,29 @@ def test_a_model_folder_runs_through_evaluate(tokenizer, tmp_path, capsys):
     assert (out / "passkey_tiny.png").exists() and "mean accuracy" in capsys.readouterr().out
 
 
-def test_planted_blocks_end_with_the_answer_to_their_own_key(tokenizer, haystack):
+def haystack_blocks(haystack, count: int, length: int):
     import datasets
 
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": [haystack[i * length : (i + 1) * length] for i in range(count)],
+            "labels": [haystack[i * length : (i + 1) * length] for i in range(count)],
+            "position_ids": [[0] * length for _ in range(count)],  # as if every token started a document
+        }
+    )
+
+
+def test_planted_blocks_end_with_the_answer_to_their_own_key(tokenizer, haystack):
     from longnet.passkey import answer
 
     length = 300
-    blocks = datasets.Dataset.from_dict(
-        {
-            "input_ids": [haystack[i * length : (i + 1) * length] for i in range(40)],
-            "labels": [haystack[i * length : (i + 1) * length] for i in range(40)],
-            "position_ids": [[0] * length for _ in range(40)],  # as if every token started a document
-        }
-    )
+    blocks = haystack_blocks(haystack, 40, length)
     planted = plant_passkeys(blocks, tokenizer, share=0.5, seed=3)
     assert planted[:] == plant_passkeys(blocks, tokenizer, share=0.5, seed=3)[:]  # the seed decides
     changed = 0
     for before, after in zip(blocks, planted, strict=True):
-        if after == before:
+        if after["input_ids"] == before["input_ids"]:
+            assert after["answer_mask"] == [0] * length and after["position_ids"] == before["position_ids"]
             continue
         changed += 1
         text = tokenizer.decode(after["input_ids"])
@@ -165,4 +170,52 @@ def test_planted_blocks_end_with_the_answer_to_their_own_key(tokenizer, haystack
         assert answer(text.rsplit(QUESTION, 1)[1]) == key and text.count(key) == 3
         assert len(after["input_ids"]) == length and after["position_ids"] == list(range(length))
         assert after["labels"] == [-100, *after["input_ids"][1:]]
+        answered = [token for token, marked in zip(after["input_ids"], after["answer_mask"], strict=True) if marked]
+        assert tokenizer.decode(answered) == f" {key}\n"
     assert 10 <= changed <= 30
+
+
+def test_episodes_each_ask_for_their_own_latest_key(tokenizer, haystack):
+    """With ``episodes=8`` a 1,200-token block holds 1, 2, 4 or 8 episodes of equal length; every question
+    is followed by the key of the needle just before it, and the answer mask marks exactly those answers."""
+    length = 1200
+    planted = plant_passkeys(haystack_blocks(haystack, 24, length), tokenizer, share=1.0, seed=5, episodes=8)
+    counts = set()
+    for block in planted:
+        ids, mask = block["input_ids"], block["answer_mask"]
+        text = tokenizer.decode(ids)
+        episodes = text.split(QUESTION)[:-1]
+        counts.add(len(episodes))
+        replies = re.findall(re.escape(QUESTION) + r" (\d{5})\n", text)
+        for episode, reply in zip(episodes, replies, strict=True):
+            assert re.findall(r"The pass key is (\d{5})\. Remember it\.", episode)[-1] == reply
+        marked = tokenizer.decode([token for token, bit in zip(ids, mask, strict=True) if bit])
+        assert marked == "".join(f" {reply}\n" for reply in replies)
+        ends = [i + 1 for i in range(length) if mask[i] and (i + 1 == length or not mask[i + 1])]
+        assert ends == [length * (i + 1) // len(episodes) for i in range(len(episodes))]  # equal episodes
+    assert counts == {1, 2, 4, 8}
+
+
+def test_answer_weighted_loss_adds_weighted_answer_tokens(tokenizer, haystack):
+    """AnswerWeightedTrainer's loss against the model's own loss: with N scored tokens of mean loss M, of
+    which n answer tokens of mean loss A, weight W gives (N M + W n A) / (N + W n); and W = 0 gives M."""
+    from transformers import TrainingArguments
+
+    from longnet.training import AnswerWeightedTrainer
+
+    planted = plant_passkeys(haystack_blocks(haystack, 2, 256), tokenizer, share=1.0, seed=1, episodes=4)
+    batch = {name: torch.tensor(planted[name]) for name in planted.column_names}
+    model = make_model(vocab_size=len(tokenizer))
+    answers_only = torch.where(batch["answer_mask"].bool(), batch["labels"], -100)
+    with torch.no_grad():
+        everything = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        answer_loss = model(input_ids=batch["input_ids"], labels=answers_only).loss
+    scored, answered = (batch["labels"][:, 1:] != -100).sum(), batch["answer_mask"][:, 1:].sum()
+    for weight in (0.0, 7.0):
+        trainer = AnswerWeightedTrainer(
+            model=model, args=TrainingArguments("unused", report_to=[], use_cpu=True), answer_weight=weight
+        )
+        with torch.no_grad():
+            loss = trainer.compute_loss(model, dict(batch))
+        expected = (scored * everything + weight * answered * answer_loss) / (scored + weight * answered)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

@@ -168,10 +168,14 @@ def test_fine_tune_from_a_trained_folder(trained, corpus, tmp_path):
             "3",
             "--passkey_share",
             "0.5",
+            "--passkey_episodes",
+            "2",
+            "--passkey_answer_weight",
+            "4",
             *TINY_ARGS,
         ]
     )
-    assert "Planting pass keys in 50% of the blocks" in result.stderr
+    assert "Planting pass keys in 50% of the blocks (1 to 2 per block)" in result.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["segment_lengths"] == [16, 32, 64, 128] and config["hidden_size"] == 32
     assert (out / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
@@ -400,6 +404,14 @@ def bad_inputs(folder: Path) -> dict[str, str]:
         (["--hidden_size", "33"], "hidden_size (33) must be a multiple of num_attention_heads (2)"),
         (["--passkey_share", "1.5"], "--passkey_share must be between 0 and 1, got 1.5"),
         (["--passkey_share", "0.5", "--block_size", "40"], "--block_size 40 is too short to plant pass keys"),
+        (["--passkey_share", "0.5", "--passkey_episodes", "0"], "--passkey_episodes must be at least 1, got 0"),
+        (["--passkey_episodes", "4"], "--passkey_episodes needs --passkey_share above 0"),
+        (["--passkey_answer_weight", "5"], "--passkey_answer_weight needs --passkey_share above 0"),
+        (["--passkey_share", "1", "--passkey_answer_weight", "-1"], "--passkey_answer_weight must be at least 0"),
+        (
+            ["--passkey_share", "1", "--passkey_answer_weight", "5", "--sequence_parallel_size", "2"],
+            "--passkey_answer_weight does not work with --sequence_parallel_size above 1",
+        ),
     ],
 )
 def test_bad_arguments_stop_before_training(corpus, tmp_path, capsys, extra, message):
