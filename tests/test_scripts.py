@@ -304,6 +304,8 @@ def test_sequence_parallel_training_matches_one_process(corpus, tmp_path, proces
         "4",
         "--document_boundaries",
         "false",
+        "--bf16",
+        "false",  # fp32: with bf16 rounding, AdamW's sign-like steps make the weights differ by ~lr
     ]
     single, split = tmp_path / "single", tmp_path / "split"
     run([sys.executable, TRAIN, *common, "--per_device_train_batch_size", str(batch), "--output_dir", str(single)])
@@ -339,7 +341,7 @@ def test_sequence_parallel_training_matches_one_process(corpus, tmp_path, proces
 
     reloaded = AutoModelForCausalLM.from_pretrained(split)
     trained = AutoModelForCausalLM.from_pretrained(single)
-    ids = torch.randint(0, 300, (1, 128))
+    ids = torch.randint(0, 300, (1, 128), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(reloaded(ids).logits, trained(ids).logits, atol=2e-3, rtol=0)
 
 
