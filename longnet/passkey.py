@@ -59,11 +59,16 @@ def check_grid(lengths: list[int], depths: list[float], keys_per_cell: int, shor
         raise ValueError(f"--keys_per_cell must be at least 1, got {keys_per_cell}")
 
 
+def random_needle(tokenizer, rng: random.Random) -> tuple[str, list[int]]:
+    """A random 5-digit key and the tokens of its needle sentence."""
+    key = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))
+    return key, tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+
+
 def make_prompt(tokenizer, haystack: list[int], length: int, depth: float, rng: random.Random) -> Prompt:
     """A prompt of ``length`` tokens: a random window of ``haystack`` with the needle at ``depth`` percent of
     it (0: right after the start, 100: right before the question)."""
-    key = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))
-    needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+    key, needle = random_needle(tokenizer, rng)
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
     room = length - len(needle) - len(question)
     if room < 1 or len(haystack) < room:
@@ -87,14 +92,14 @@ def plant_passkeys(blocks, tokenizer, share: float, seed: int, episodes: int = 1
     shortest_episode = planting_tokens(tokenizer) + 1
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
 
-    def plant_episode(ids: list[int], mask: list[int], rng: random.Random) -> None:
-        key = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))
-        needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+    def plant_episode(ids: list[int], mask: list[int], start: int, end: int, rng: random.Random) -> None:
+        """Writes one episode into ``ids[start:end]`` (in place) and marks its answer in ``mask``."""
+        key, needle = random_needle(tokenizer, rng)
         reply = tokenizer(" " + key + "\n", add_special_tokens=False)["input_ids"]
-        at = rng.randrange(0, len(ids) - len(needle) - len(question) - len(reply) + 1)
+        at = rng.randrange(start, end - len(needle) - len(question) - len(reply) + 1)
         ids[at : at + len(needle)] = needle
-        ids[len(ids) - len(question) - len(reply) :] = question + reply
-        mask[len(ids) - len(reply) :] = [1] * len(reply)
+        ids[end - len(question) - len(reply) : end] = question + reply
+        mask[end - len(reply) : end] = [1] * len(reply)
 
     def plant(block, index):
         rng = random.Random(f"{seed}-{index}")
@@ -106,9 +111,7 @@ def plant_passkeys(blocks, tokenizer, share: float, seed: int, episodes: int = 1
         ids, mask = list(block["input_ids"]), [0] * length
         bounds = [length * i // count for i in range(count + 1)]
         for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            episode_ids, episode_mask = ids[start:end], mask[start:end]
-            plant_episode(episode_ids, episode_mask, rng)
-            ids[start:end], mask[start:end] = episode_ids, episode_mask
+            plant_episode(ids, mask, start, end, rng)
         return {"input_ids": ids, "labels": [-100, *ids[1:]], "position_ids": list(range(length)), "answer_mask": mask}
 
     description = f"Planting pass keys in {share:.0%} of the blocks"
