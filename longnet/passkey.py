@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 NEEDLE = "\n# The pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "\n# What is the pass key? The pass key is"
 KEY_DIGITS = 5
+PLACES = ("same local segment", "earlier segment")  # where a needle lies, seen from the question
 
 
 @dataclass
@@ -59,6 +60,30 @@ def check_grid(lengths: list[int], depths: list[float], keys_per_cell: int, shor
         raise ValueError(f"--keys_per_cell must be at least 1, got {keys_per_cell}")
 
 
+def answer_reach(config, lengths: list[int]) -> str:
+    """For a LongNet ``config``: which branches connect the answer to the prompt at each length, as report text.
+
+    Why: segments are fixed, so a token generated at position L (right after an L-token prompt) starts a
+    new segment in every branch whose segment length divides L. The key's first token is predicted from
+    the prompt's last position and can see the prompt; the tokens after it reach the prompt only through
+    branches with L % w != 0, one residue class of it per head. With no such branch they see nothing of the
+    prompt, and a key of several tokens cannot be answered. Empty for models without dilated branches."""
+    segments = getattr(config, "segment_lengths", None)
+    if not segments:
+        return ""
+    branches = list(zip(segments, config.dilation_rates, strict=True))
+    lines = []
+    for length in lengths:
+        reach = [f"w = {w} (r = {r})" for w, r in branches if length % w]
+        lines.append(
+            f"at {length}: " + (", ".join(reach) if reach else "none: tokens after the first see nothing of the prompt")
+        )
+    return (
+        "Answer tokens after the first are generated from position L on, a new segment in every branch whose "
+        "segment length w divides L; branches that still reach the prompt: " + "; ".join(lines) + "."
+    )
+
+
 def random_needle(tokenizer, rng: random.Random) -> tuple[str, list[int]]:
     """A random 5-digit key and the tokens of its needle sentence."""
     key = str(rng.randrange(10 ** (KEY_DIGITS - 1), 10**KEY_DIGITS))
@@ -82,12 +107,12 @@ def make_prompt(tokenizer, haystack: list[int], length: int, depth: float, rng: 
 def plant_passkeys(blocks, tokenizer, share: float, seed: int, episodes: int = 1):
     """Training blocks (``input_ids``, ``labels``, ``position_ids``) of which about ``share`` carry pass keys.
 
-    A planted block is cut into n equal episodes, n drawn uniformly from 1, 2, 4, ... up to ``episodes``
-    (only as many as leave room for haystack text), so the needle-to-question distances the block
-    trains cover every scale up to its length. Each episode keeps its own text with a random key's
-    needle at a uniformly random position and ends with the question and its answer; the answer is the
-    latest needle's key. A planted block becomes one sequence (positions 0..L-1), so nothing keeps the
-    needle from the question. Every block gains ``answer_mask``: 1 on the answer tokens, else 0 (for
+    A planted block is cut into n equal slots, n drawn uniformly from 1, 2, 4, ... up to ``episodes``
+    (only as many as leave room for haystack text), so the needle-to-question distances the block trains
+    cover every scale up to its length. Each slot holds one episode, from its start to anywhere in its
+    second half: a random key's needle at a uniformly random position, then the question and its answer
+    (the latest needle's key). A planted block becomes one sequence (positions 0..L-1), so nothing keeps
+    the needle from the question. Every block gains ``answer_mask``: 1 on the answer tokens, else 0 (for
     ``AnswerWeightedTrainer``). The same ``seed`` plants the same keys in the same places."""
     shortest_episode = planting_tokens(tokenizer) + 1
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
@@ -111,7 +136,11 @@ def plant_passkeys(blocks, tokenizer, share: float, seed: int, episodes: int = 1
         ids, mask = list(block["input_ids"]), [0] * length
         bounds = [length * i // count for i in range(count + 1)]
         for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            plant_episode(ids, mask, start, end, rng)
+            # the episode ends anywhere in the second half of its slot, the rest stays plain text: so the
+            # question does not sit at a fixed phase of LongNet's fixed segments (which tell a model its
+            # position modulo w), and a model cannot learn where answers are instead of reading them
+            slack = end - start - max(shortest_episode, (end - start + 1) // 2)
+            plant_episode(ids, mask, start, end - rng.randrange(slack + 1), rng)
         return {"input_ids": ids, "labels": [-100, *ids[1:]], "position_ids": list(range(length)), "answer_mask": mask}
 
     description = f"Planting pass keys in {share:.0%} of the blocks"
@@ -166,6 +195,48 @@ def passkey_accuracy(
                 right += sum(answer(text) == prompt.key for text, prompt in zip(texts, batch, strict=True))
                 progress.update(len(batch))
             results.setdefault(length, {})[depth] = right / keys_per_cell
+    return results
+
+
+@torch.no_grad()
+def retrieval_by_branch(
+    model, tokenizer, haystack: list[int], length: int, prompts: int, seed: int = 0
+) -> dict[str, dict[str, tuple[int, int]]]:
+    """Which branches of a LongNet carry retrieval: ``{branches kept: {where: (right, prompts)}}``.
+
+    Teacher-forced accuracy of the key's first token, predicted from the prompt's last position (which
+    every branch serves), with every branch, with each one left out and with the first (local) branch
+    alone; ``where`` says whether the needle lies in the question's segment of the first branch
+    ("same local segment": visible locally) or before it ("earlier segment": visible only through the
+    other branches). Why: greedy exact match is 0 for a model that gets no key whole, and then cannot
+    show which branches see the needle. Branches are left out by editing the config in place, as the
+    attention reads it at every call; the config is restored after."""
+    config = model.config
+    branches = list(zip(config.segment_lengths, config.dilation_rates, strict=True))
+    kept = [tuple(range(len(branches)))]
+    kept += [tuple(i for i in range(len(branches)) if i != left) for left in range(len(branches))]
+    kept = list(dict.fromkeys(k for k in [*kept, (0,)] if k))  # every branch, each left out, the first alone
+    rng = random.Random(f"{seed}-{length}-branches")
+    asked = [make_prompt(tokenizer, haystack, length, rng.uniform(0, 100), rng) for _ in range(prompts)]
+    first_tokens = [tokenizer(" " + p.key, add_special_tokens=False)["input_ids"][0] for p in asked]
+    local = branches[0][0]
+    places = [PLACES[p.needle_start // local < (length - 1) // local] for p in asked]
+    model.eval()
+    device = next(model.parameters()).device
+    results = {}
+    try:
+        for keep in tqdm(kept, desc="branches", unit="variant"):
+            config.segment_lengths = [branches[i][0] for i in keep]
+            config.dilation_rates = [branches[i][1] for i in keep]
+            counts = {place: [0, 0] for place in PLACES if place in places}
+            for p, token, place in zip(asked, first_tokens, places, strict=True):
+                logits = model(torch.tensor([p.ids], device=device), use_cache=False).logits[0, -1]
+                counts[place][0] += int(logits.argmax().item() == token)
+                counts[place][1] += 1
+            label = ", ".join(f"w = {w} (r = {r})" for w, r in (branches[i] for i in keep))
+            results[label] = {place: (right, total) for place, (right, total) in counts.items()}
+    finally:
+        config.segment_lengths, config.dilation_rates = [w for w, _ in branches], [r for _, r in branches]
     return results
 
 

@@ -9,9 +9,15 @@ notes say so.
 over a grid of context lengths x depths, ``--keys_per_cell`` keys a cell (``longnet.passkey``). Writes
 ``{out}/passkey.json``, ``{out}/passkey.md`` and a heatmap ``{out}/passkey_<name>.png`` per model.
 
+``--task branches`` (LongNet models): which branches carry retrieval. On ``--keys_per_cell`` pass key
+prompts of each length (needles at random depths), teacher-forced accuracy of the key's first token with
+every branch, each branch left out and the local branch alone, by whether the needle is in the question's
+local segment (``longnet.passkey.retrieval_by_branch``). Writes ``{out}/branches.md`` and ``.json``.
+
     python scripts/evaluate.py outputs/longnet-stdlib outputs/llama-stdlib --out docs/results/stdlib_perplexity
     python scripts/evaluate.py MODEL --validation_file held_out/ --context_lengths 1024 4096 16384
     python scripts/evaluate.py MODEL OTHER --task passkey --lengths 1024 4096 --depths 0 50 100 --out results/
+    python scripts/evaluate.py MODEL --task branches --lengths 1024 --keys_per_cell 100 --out results/
 """
 
 from __future__ import annotations
@@ -26,7 +32,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import longnet  # noqa: F401  (registers LongNet with the Auto classes)
 from longnet.evaluation import check_context_lengths, evaluation_documents, perplexity_by_context, write_report
 from longnet.hub import TOKENIZER_VOCABULARY_FILES
-from longnet.passkey import check_grid, needle_and_question_tokens, passkey_accuracy, write_passkey_report
+from longnet.passkey import (
+    PLACES,
+    answer_reach,
+    check_grid,
+    needle_and_question_tokens,
+    passkey_accuracy,
+    retrieval_by_branch,
+    write_passkey_report,
+)
 from longnet.training import (
     expand_paths,
     fail,
@@ -53,15 +67,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer_name", help="default: the first model's tokenizer")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--trust_remote_code", action="store_true")
-    parser.add_argument("--task", default="perplexity", choices=["perplexity", "passkey"])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384], help="passkey")
+    parser.add_argument("--task", default="perplexity", choices=["perplexity", "passkey", "branches"])
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384], help="passkey, branches"
+    )
     parser.add_argument(
         "--depths", type=float, nargs="+", default=[0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100], help="passkey, %%"
     )
-    parser.add_argument("--keys_per_cell", type=int, default=20, help="passkey")
+    parser.add_argument(
+        "--keys_per_cell", type=int, default=20, help="passkey: keys per cell; branches: prompts per length"
+    )
     parser.add_argument("--batch_size", type=int, default=1, help="passkey: prompts per generate() call")
-    parser.add_argument("--seed", type=int, default=0, help="passkey: the keys and haystack windows")
-    parser.add_argument("--out", help="perplexity: file prefix (default perplexity_by_context); passkey: folder")
+    parser.add_argument("--seed", type=int, default=0, help="passkey, branches: the keys and haystack windows")
+    parser.add_argument(
+        "--out", help="perplexity: file prefix (default perplexity_by_context); passkey, branches: folder"
+    )
     parser.error = fail  # an unknown flag or bad value: one error line
     args = parser.parse_args(argv)
 
@@ -90,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(error))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=args.trust_remote_code)
     token_lists = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    if args.task == "passkey":
+    if args.task in ("passkey", "branches"):
         evaluate_passkey(args, names, tokenizer, token_lists)
         return
     try:
@@ -146,10 +166,16 @@ def evaluate_passkey(args, names: list[str], tokenizer, token_lists: list[list[i
             f"--lengths {max(args.lengths)}: the held-out text has {len(haystack)} tokens; pass --validation_file "
             "with more text or shorter --lengths"
         )
-    results = {}
+    if args.task == "branches":
+        evaluate_branches(args, names, tokenizer, haystack)
+        return
+    results, reach = {}, []
     for name, folder in zip(names, args.models, strict=True):
+        model = load_model(folder, args)
+        if note := answer_reach(model.config, args.lengths):
+            reach.append(f"{name}: {note}")
         results[name] = passkey_accuracy(
-            load_model(folder, args),
+            model,
             tokenizer,
             haystack,
             args.lengths,
@@ -166,9 +192,42 @@ def evaluate_passkey(args, names: list[str], tokenizer, token_lists: list[list[i
         results,
         out,
         notes=f"{args.keys_per_cell} keys per cell, greedy decoding ({args.dtype}); haystack: "
-        f"{len(token_lists)} held-out documents, {len(haystack)} tokens, windows from seed {args.seed}.",
+        f"{len(token_lists)} held-out documents, {len(haystack)} tokens, windows from seed {args.seed}."
+        + "".join(f"\n\n{line}" for line in reach),
     )
     print(f"wrote {out}/passkey.md, {out}/passkey.json and a heatmap per model")
+
+
+def evaluate_branches(args, names: list[str], tokenizer, haystack: list[int]) -> None:
+    """``--task branches``: the retrieval of each LongNet with every branch, each left out, the local one alone."""
+    results, lines = {}, ["# Which branches carry retrieval", ""]
+    lines += [
+        f"Teacher-forced accuracy of the key's first token over {args.keys_per_cell} prompts per length (needles "
+        f"at random depths, seed {args.seed}, {args.dtype}), by where the needle lies: in the question's segment "
+        "of the first (local) branch, or in an earlier one (visible only through the other branches).",
+        "",
+    ]
+    for name, folder in zip(names, args.models, strict=True):
+        model = load_model(folder, args)
+        if not getattr(model.config, "segment_lengths", None):
+            fail(f"--task branches needs LongNet models (segment_lengths in the config); {folder!r} has none")
+        results[name] = {}
+        for length in args.lengths:
+            table = retrieval_by_branch(model, tokenizer, haystack, length, args.keys_per_cell, seed=args.seed)
+            results[name][str(length)] = table
+            places = [place for place in PLACES if any(place in row for row in table.values())]
+            lines += [f"## {name} at {length} tokens", "", "| branches kept | " + " | ".join(places) + " |"]
+            lines.append("|---|" + "---:|" * len(places))
+            for label, row in table.items():
+                cells = [f"{row[p][0] / row[p][1]:.2f} ({row[p][0]}/{row[p][1]})" if p in row else "" for p in places]
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append("")
+    out = Path(args.out or "branches")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "branches.json").write_text(json.dumps(results, indent=1))
+    (out / "branches.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {out}/branches.md and {out}/branches.json")
 
 
 if __name__ == "__main__":

@@ -9,15 +9,17 @@ import re
 
 import pytest
 import torch
-from conftest import make_model, stdlib_text
+from conftest import TINY, make_model, random_ids, stdlib_text
 
 from longnet.passkey import (
     NEEDLE,
     QUESTION,
+    answer_reach,
     check_grid,
     make_prompt,
     passkey_accuracy,
     plant_passkeys,
+    retrieval_by_branch,
     write_passkey_report,
 )
 
@@ -95,21 +97,27 @@ def test_bad_grid_is_a_clear_error(lengths, depths, keys, message):
         check_grid(lengths, depths, keys, shortest=30)
 
 
-def test_a_model_folder_runs_through_evaluate(tokenizer, tmp_path, capsys):
-    """evaluate.py --task passkey on a saved (random) LongNet: the grid runs and the report is written."""
+@pytest.fixture(scope="module")
+def evaluate_main():
     import sys
     from pathlib import Path
 
-    folder = tmp_path / "model"
-    make_model().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    data = tmp_path / "held_out.py"
-    data.write_text(stdlib_text(40_000))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     try:
         from evaluate import main
     finally:
         sys.path.pop(0)
+    return main
+
+
+def test_a_model_folder_runs_through_evaluate(tokenizer, tmp_path, capsys, evaluate_main):
+    """evaluate.py --task passkey on a saved (random) LongNet: the grid runs and the report is written."""
+    folder = tmp_path / "model"
+    make_model().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    data = tmp_path / "held_out.py"
+    data.write_text(stdlib_text(40_000))
+    main = evaluate_main
     out = tmp_path / "report"
     main(
         [
@@ -138,6 +146,94 @@ def test_a_model_folder_runs_through_evaluate(tokenizer, tmp_path, capsys):
     assert set(saved["tiny"]) == {"96", "192"}
     assert all(0 <= accuracy <= 1 for row in saved["tiny"].values() for accuracy in row.values())
     assert (out / "passkey_tiny.png").exists() and "mean accuracy" in capsys.readouterr().out
+    # the tiny branches (4, 8, 12) all divide 96 and 192: the report says the answer cannot see the prompt
+    assert "tiny: Answer tokens after the first" in (out / "passkey.md").read_text()
+    assert "at 96: none: tokens after the first see nothing of the prompt" in (out / "passkey.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "segments, rates, reaches",
+    [((16, 32), (1, 2), False), ((16, 32, 128), (1, 2, 4), True), ((16, 48), (1, 2), True)],
+)
+def test_answer_reach_says_whether_generated_tokens_see_the_prompt(segments, rates, reaches):
+    """The model itself decides: with every segment length dividing the prompt's 64 tokens, the logits from
+    position 64 on do not change when the prompt changes; with a branch that does not divide it, they do."""
+    model = make_model(segment_lengths=list(segments), dilation_rates=list(rates))
+    prompt, other, answer = random_ids(1, 64, seed=1), random_ids(1, 64, seed=2), random_ids(1, 8, seed=3)
+    with torch.no_grad():
+        after = [model(torch.cat([p, answer], dim=1)).logits[0, 64:] for p in (prompt, other)]
+    assert (not torch.allclose(after[0], after[1], atol=1e-6)) == reaches
+    note = answer_reach(model.config, [64])
+    assert ("none: tokens after the first see nothing of the prompt" not in note) == reaches
+    assert all((f"w = {w} (r = {r})" in note) == (64 % w != 0) for w, r in zip(segments, rates, strict=True))
+
+
+class BranchStandIn(torch.nn.Module):
+    """Predicts the key's first token when it can see the needle: always with branch ``far`` kept, with only
+    the local (first) branch when the needle lies in the question's local segment; else a wrong token."""
+
+    def __init__(self, tokenizer, far: int):
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.tokenizer, self.far = tokenizer, far
+        self.config = SimpleNamespace(segment_lengths=[128, far], dilation_rates=[1, 2])
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids, use_cache):
+        from types import SimpleNamespace
+
+        text = self.tokenizer.decode(ids[0])
+        key = re.search(r"pass key is (\d{5})", text).group(1)
+        needle = self.tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+        start = next(i for i in range(ids.shape[1]) if ids[0, i : i + len(needle)].tolist() == needle)
+        local = start // 128 == (ids.shape[1] - 1) // 128 and 128 in self.config.segment_lengths
+        seen = local or self.far in self.config.segment_lengths
+        first = self.tokenizer(" " + key, add_special_tokens=False)["input_ids"][0]
+        logits = torch.zeros(1, ids.shape[1], len(self.tokenizer))
+        logits[0, -1, first if seen else (first + 1) % len(self.tokenizer)] = 1
+        return SimpleNamespace(logits=logits)
+
+
+def test_retrieval_by_branch_leaves_each_branch_out(tokenizer, haystack):
+    model = BranchStandIn(tokenizer, far=512)
+    table = retrieval_by_branch(model, tokenizer, haystack, 256, prompts=40)
+    both, local = "w = 128 (r = 1), w = 512 (r = 2)", "w = 128 (r = 1)"
+    assert list(table) == [both, "w = 512 (r = 2)", local]  # every branch, each left out (= the other alone)
+    for label, row in table.items():
+        assert set(row) == {"same local segment", "earlier segment"}
+        assert sum(total for _, total in row.values()) == 40
+        for place, (right, total) in row.items():
+            assert right == (0 if label == local and place == "earlier segment" else total)
+    assert model.config.segment_lengths == [128, 512] and model.config.dilation_rates == [1, 2]  # restored
+
+
+def test_answer_reach_is_empty_for_dense_models():
+    from transformers import LlamaConfig
+
+    assert answer_reach(LlamaConfig(), [1024]) == ""
+
+
+def test_branches_task_runs_through_evaluate(tokenizer, tmp_path, capsys, evaluate_main):
+    """evaluate.py --task branches: a row per branch set for a LongNet; a dense model is one error line."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    longnet_folder, dense_folder, data = tmp_path / "longnet", tmp_path / "dense", tmp_path / "held_out.py"
+    make_model(segment_lengths=[16, 64], dilation_rates=[1, 2]).save_pretrained(longnet_folder)
+    LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(dense_folder)
+    for folder in (longnet_folder, dense_folder):
+        tokenizer.save_pretrained(folder)
+    data.write_text(stdlib_text(40_000))
+    common = ["--task", "branches", "--validation_file", str(data), "--lengths", "96", "--keys_per_cell", "4"]
+    evaluate_main([str(longnet_folder), *common, "--out", str(tmp_path / "report")])
+    rows = ["w = 16 (r = 1), w = 64 (r = 2)", "w = 64 (r = 2)", "w = 16 (r = 1)"]  # all, each left out
+    report = (tmp_path / "report" / "branches.md").read_text()
+    assert all(f"| {row} |" in report for row in rows)
+    assert list(json.loads((tmp_path / "report" / "branches.json").read_text())["longnet"]["96"]) == rows
+    with pytest.raises(SystemExit) as stop:
+        evaluate_main([str(dense_folder), *common, "--out", str(tmp_path / "dense_report")])
+    assert stop.value.code == 2 and "error: --task branches needs LongNet models" in capsys.readouterr().err
+    assert not (tmp_path / "dense_report").exists()
 
 
 def haystack_blocks(haystack, count: int, length: int):
@@ -176,11 +272,12 @@ def test_planted_blocks_end_with_the_answer_to_their_own_key(tokenizer, haystack
 
 
 def test_episodes_each_ask_for_their_own_latest_key(tokenizer, haystack):
-    """With ``episodes=8`` a 1,200-token block holds 1, 2, 4 or 8 episodes of equal length; every question
-    is followed by the key of the needle just before it, and the answer mask marks exactly those answers."""
+    """With ``episodes=8`` a 1,200-token block holds 1, 2, 4 or 8 equal slots, an episode ending anywhere in
+    the second half of each; every question is followed by the key of the needle just before it, and the
+    answer mask marks exactly those answers."""
     length = 1200
     planted = plant_passkeys(haystack_blocks(haystack, 24, length), tokenizer, share=1.0, seed=5, episodes=8)
-    counts = set()
+    counts, shifts = set(), []
     for block in planted:
         ids, mask = block["input_ids"], block["answer_mask"]
         text = tokenizer.decode(ids)
@@ -192,8 +289,12 @@ def test_episodes_each_ask_for_their_own_latest_key(tokenizer, haystack):
         marked = tokenizer.decode([token for token, bit in zip(ids, mask, strict=True) if bit])
         assert marked == "".join(f" {reply}\n" for reply in replies)
         ends = [i + 1 for i in range(length) if mask[i] and (i + 1 == length or not mask[i + 1])]
-        assert ends == [length * (i + 1) // len(episodes) for i in range(len(episodes))]  # equal episodes
+        slots = [(length * i // len(episodes), length * (i + 1) // len(episodes)) for i in range(len(episodes))]
+        for end, (start, stop) in zip(ends, slots, strict=True):  # equal slots, each episode ends in its 2nd half
+            assert start + (stop - start) // 2 <= end <= stop
+            shifts.append(stop - end)
     assert counts == {1, 2, 4, 8}
+    assert len(set(shifts)) > len(shifts) // 2  # answers end at many phases, not at fixed places
 
 
 def test_answer_weighted_loss_adds_weighted_answer_tokens(tokenizer, haystack):
