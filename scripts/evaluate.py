@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=args.trust_remote_code)
     token_lists = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     if args.task in ("passkey", "branches"):
-        evaluate_passkey(args, names, tokenizer, token_lists)
+        haystack = passkey_haystack(args, tokenizer, token_lists)
+        if args.task == "passkey":
+            evaluate_passkey(args, names, tokenizer, haystack, documents=len(token_lists))
+        else:
+            evaluate_branches(args, names, tokenizer, haystack)
         return
     try:
         documents, lengths, skipped = evaluation_documents(token_lists, args.context_lengths, args.max_documents)
@@ -152,8 +156,8 @@ def load_model(folder: str, args):
     )
 
 
-def evaluate_passkey(args, names: list[str], tokenizer, token_lists: list[list[int]]) -> None:
-    """The pass key grid for every model, on one haystack: the held-out documents end to end."""
+def passkey_haystack(args, tokenizer, token_lists: list[list[int]]) -> list[int]:
+    """The held-out documents end to end, after checking the pass key flags against them."""
     try:
         check_grid(args.lengths, args.depths, args.keys_per_cell, needle_and_question_tokens(tokenizer))
     except ValueError as error:
@@ -166,9 +170,11 @@ def evaluate_passkey(args, names: list[str], tokenizer, token_lists: list[list[i
             f"--lengths {max(args.lengths)}: the held-out text has {len(haystack)} tokens; pass --validation_file "
             "with more text or shorter --lengths"
         )
-    if args.task == "branches":
-        evaluate_branches(args, names, tokenizer, haystack)
-        return
+    return haystack
+
+
+def evaluate_passkey(args, names: list[str], tokenizer, haystack: list[int], documents: int) -> None:
+    """The pass key grid for every model, on one haystack."""
     results, reach = {}, []
     for name, folder in zip(names, args.models, strict=True):
         model = load_model(folder, args)
@@ -192,7 +198,7 @@ def evaluate_passkey(args, names: list[str], tokenizer, token_lists: list[list[i
         results,
         out,
         notes=f"{args.keys_per_cell} keys per cell, greedy decoding ({args.dtype}); haystack: "
-        f"{len(token_lists)} held-out documents, {len(haystack)} tokens, windows from seed {args.seed}."
+        f"{documents} held-out documents, {len(haystack)} tokens, windows from seed {args.seed}."
         + "".join(f"\n\n{line}" for line in reach),
     )
     print(f"wrote {out}/passkey.md, {out}/passkey.json and a heatmap per model")
