@@ -8,6 +8,7 @@
     python scripts/benchmark_model.py
     python scripts/benchmark_model.py --smoke --out /tmp/model_smoke     # seconds, for the tests
     python scripts/benchmark_model.py --device cuda                      # GPU: bf16, 4K .. 1M
+    python scripts/benchmark_model.py --config MODEL_FOLDER              # a trained LongNet's size and branches
 """
 
 from __future__ import annotations
@@ -133,7 +134,11 @@ def cache_bytes(cache) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
+    source.add_argument(
+        "--config", help="a LongNet folder or config JSON: its size and branches instead of the default ones"
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtypes", nargs="+", help="default float32 and bfloat16 on cpu, bfloat16 on cuda")
     parser.add_argument("--train_lengths", type=int, nargs="+", help="default 2K..64K on cpu, 4K..1M on cuda")
@@ -164,6 +169,11 @@ def main() -> None:
         os.execv(sys.executable, [sys.executable, *sys.argv])
 
     size, branches = dict(SIZE), dict(BRANCHES)
+    if args.config:
+        path = Path(args.config)
+        config = LongNetConfig.from_pretrained(path) if path.is_dir() else LongNetConfig.from_json_file(path)
+        size = {name: getattr(config, name) for name in SIZE}
+        branches = {name: getattr(config, name) for name in BRANCHES}
     if args.smoke:
         size.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
         branches = dict(segment_lengths=[16, 32, 64], dilation_rates=[1, 2, 4])

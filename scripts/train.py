@@ -34,11 +34,13 @@ from pathlib import Path
 import datasets
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     Trainer,
     TrainingArguments,
     default_data_collator,
@@ -72,6 +74,15 @@ ROOT = Path(__file__).resolve().parents[1]
 ARGUMENTS_FILE = "train_arguments.json"
 # Where and how a run starts, not what it trains: never carried over to a resumed run.
 NOT_CARRIED = {"output_dir", "resume_from_checkpoint", "overwrite_output_dir"}
+# A model's size: with --model_name_or_path or --config_name these flags may only repeat the model's values.
+SIZE_FLAGS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+)
 # What decides the data a run reads (and in which order) and the model it builds: a resumed run must
 # keep the first run's values.
 RUN_DEFINING = [
@@ -80,12 +91,7 @@ RUN_DEFINING = [
     "tokenizer_name",
     "attention",
     "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "max_position_embeddings",
+    *SIZE_FLAGS,
     "segment_lengths",
     "dilation_rates",
     "dataset_name",
@@ -126,7 +132,10 @@ class ModelArguments:
     num_attention_heads: int = 4
     num_key_value_heads: int | None = None
     max_position_embeddings: int = 32768
-    segment_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])
+    segment_lengths: list[int] = field(
+        default_factory=lambda: [256, 512, 1024, 2048, 4096],
+        metadata={"help": "LongNet's branches; with --model_name_or_path they replace the model's (to fine-tune)."},
+    )
     dilation_rates: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     trust_remote_code: bool = False
 
@@ -219,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
 
     train_docs, validation_docs, data_description = load_data(data_args)
     tokenizer = get_tokenizer(model_args, training_args, train_docs, checkpoint)
-    model = get_model(model_args, tokenizer, data_args.block_size)
+    model = get_model(model_args, tokenizer, given)
     check_fit(model, tokenizer, data_args.block_size, training_args.sequence_parallel_size)
     if data_args.passkey_share and data_args.block_size < planting_tokens(tokenizer) + 1:
         fail(
@@ -410,11 +419,8 @@ def check_arguments(model_args, data_args, training_args) -> None:
         )
     if data_args.block_size <= 1:
         fail(f"--block_size must be at least 2, got {data_args.block_size}")
-    try:
-        check_branches(model_args.segment_lengths, model_args.dilation_rates)
-    except ValueError as error:
-        branches = " ".join(map(str, model_args.segment_lengths)), " ".join(map(str, model_args.dilation_rates))
-        fail(f"--segment_lengths {branches[0]} --dilation_rates {branches[1]}: {error}")
+    if not (model_args.model_name_or_path or model_args.config_name):  # else checked against the model's
+        check_branch_flags(model_args.segment_lengths, model_args.dilation_rates)
     try:
         check_context_lengths(data_args.eval_context_lengths, "--eval_context_lengths")
     except ValueError as error:
@@ -567,14 +573,57 @@ def config_from_flags(model_args, vocab_size: int, **fields) -> LongNetConfig:
     )
 
 
-def get_model(model_args, tokenizer, block_size: int):
+def check_branch_flags(segment_lengths: list[int], dilation_rates: list[int]) -> None:
+    try:
+        check_branches(segment_lengths, dilation_rates)
+    except ValueError as error:
+        branches = " ".join(map(str, segment_lengths)), " ".join(map(str, dilation_rates))
+        fail(f"--segment_lengths {branches[0]} --dilation_rates {branches[1]}: {error}")
+
+
+def source_config(model_args, given: dict) -> PretrainedConfig:
+    """The config of --model_name_or_path or --config_name, with the branches that --segment_lengths and
+    --dilation_rates name: a LongNet's weights do not depend on its branches, so fine-tuning with others (a
+    longer largest segment for longer contexts, say) is a change the flags make. A size flag or --attention
+    that disagrees with the model stops the run instead of being silently ignored."""
+    flag = "model_name_or_path" if model_args.model_name_or_path else "config_name"
+    source = getattr(model_args, flag)
+    if model_args.model_name_or_path:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code)
+        kind = "dilated" if config.model_type == "longnet" else "dense"
+        if given.get("attention", kind) != kind:
+            fail(f"--attention {given['attention']}: --model_name_or_path {source!r} is a {config.model_type} model")
+    else:
+        path = Path(source)
+        config = LongNetConfig.from_json_file(path) if path.is_file() else LongNetConfig.from_pretrained(path)
+    for name in SIZE_FLAGS:
+        if name in given and given[name] != getattr(config, name, None):
+            fail(
+                f"--{name} {given[name]} differs from the {getattr(config, name, None)} of --{flag} {source!r} "
+                "(the model's size comes from it)"
+            )
+    branches = {name: given[name] for name in ("segment_lengths", "dilation_rates") if name in given}
+    if branches:
+        if config.model_type != "longnet":
+            fail(f"--segment_lengths and --dilation_rates set a LongNet's branches: {source!r} is {config.model_type}")
+        check_branch_flags(
+            branches.get("segment_lengths", config.segment_lengths),
+            branches.get("dilation_rates", config.dilation_rates),
+        )
+        for name, value in branches.items():
+            setattr(config, name, list(value))
+    return config
+
+
+def get_model(model_args, tokenizer, given: dict):
     if model_args.model_name_or_path:
         return AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+            model_args.model_name_or_path,
+            config=source_config(model_args, given),
+            trust_remote_code=model_args.trust_remote_code,
         )
     if model_args.config_name:
-        path = Path(model_args.config_name)
-        config = LongNetConfig.from_json_file(path) if path.is_file() else LongNetConfig.from_pretrained(path)
+        config = source_config(model_args, given)
     else:
         config = config_from_flags(
             model_args,

@@ -80,6 +80,31 @@ def test_benchmark_model_smoke(tmp_path):
     assert "| float32 | 128 |" in out.with_suffix(".md").read_text()
 
 
+def test_benchmark_model_takes_a_config(tmp_path):
+    """--config compares a given LongNet (a trained folder's size and branches) with the Llama of its size."""
+    from longnet import LongNetConfig
+
+    config = LongNetConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        segment_lengths=[8, 64],
+        dilation_rates=[1, 2],
+    )
+    config.save_pretrained(tmp_path / "folder")
+    out = tmp_path / "model"
+    script = str(ROOT / "scripts" / "benchmark_model.py")
+    lengths = ["--train_lengths", "64", "--generation_contexts", "64", "--dtypes", "float32"]
+    subprocess.run(
+        [sys.executable, script, "--config", str(tmp_path / "folder"), *lengths, "--out", str(out)], check=True
+    )
+    setup = json.loads(out.with_suffix(".json").read_text())["setup"]
+    assert setup["branches"] == {"segment_lengths": [8, 64], "dilation_rates": [1, 2]}
+    assert setup["size"]["hidden_size"] == 32 and setup["size"]["vocab_size"] == 512
+
+
 def test_benchmark_sequence_parallel_smoke(tmp_path):
     out = tmp_path / "sp"
     subprocess.run(

@@ -183,6 +183,52 @@ def test_fine_tune_from_a_trained_folder(trained, corpus, tmp_path):
     assert any(not torch.equal(before[name], after[name]) for name in before)
 
 
+def test_fine_tuning_with_other_branches(trained, corpus, tmp_path):
+    """--segment_lengths and --dilation_rates with --model_name_or_path re-branch the LongNet being
+    fine-tuned (a longer largest segment for a longer context): the saved model has the new branches and
+    computes what a LongNet built with them from the same weights computes."""
+    from transformers import AutoModelForCausalLM
+
+    from longnet import LongNetConfig, LongNetForCausalLM
+
+    source, out = trained["dilated"][0], tmp_path / "rebranched"
+    args = ["--model_name_or_path", str(source), "--train_file", str(corpus), "--output_dir", str(out)]
+    branches = ["--segment_lengths", "16", "256", "--dilation_rates", "1", "2"]
+    run([sys.executable, TRAIN, *args, "--max_steps", "1", *TINY_ARGS, *branches])
+    config = json.loads((out / "config.json").read_text())
+    assert config["segment_lengths"] == [16, 256] and config["dilation_rates"] == [1, 2]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 200, (1, 200))
+    built = {}
+    for lengths in ([16, 256], [16, 32]):  # the new branches, and others (so the comparison can fail)
+        built[lengths[-1]] = LongNetForCausalLM(
+            LongNetConfig.from_dict({**model.config.to_dict(), "segment_lengths": lengths})
+        ).eval()
+        built[lengths[-1]].load_state_dict(model.state_dict())
+    with torch.no_grad():
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, built[256](ids).logits)
+        assert not torch.allclose(logits, built[32](ids).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "attention, extra, message",
+    [
+        ("dense", [], "--segment_lengths and --dilation_rates set a LongNet's branches: '{source}' is llama"),
+        ("dilated", ["--attention", "dense"], "--attention dense: --model_name_or_path '{source}' is a longnet model"),
+        ("dilated", ["--hidden_size", "64"], "--hidden_size 64 differs from the 32 of --model_name_or_path '{source}'"),
+    ],
+)
+def test_fine_tuning_refuses_flags_the_model_contradicts(trained, corpus, tmp_path, capsys, attention, extra, message):
+    """A size flag or --attention that disagrees with the folder being fine-tuned, or branches for a
+    dense model, stop the run with one line instead of being silently ignored."""
+    source, out = trained[attention][0], tmp_path / "out"
+    args = ["--model_name_or_path", str(source), "--train_file", str(corpus), "--output_dir", str(out)]
+    code, output = run_main("train", [*args, "--max_steps", "1", *TINY_ARGS, *extra], capsys)
+    assert code == 2 and output.strip().splitlines()[-1].startswith("error: ")
+    assert message.format(source=source) in output and not out.exists()
+
+
 def test_evaluate_puts_models_side_by_side(trained, corpus, tmp_path):
     out = tmp_path / "side_by_side"
     validation = sorted(corpus.glob("*.py"))[:8]
@@ -365,11 +411,12 @@ def bad_inputs(folder: Path) -> dict[str, str]:
         vocab_size=300,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=1,
+        num_hidden_layers=2,
         num_attention_heads=2,
+        max_position_embeddings=1024,
         segment_lengths=[16],
         dilation_rates=[1],
-    )
+    )  # the size TINY_ARGS gives
     small.to_json_file(paths["small.json"])
     small.save_pretrained(paths["untokenized"])
     return {name.split(".")[0]: str(path) for name, path in paths.items()}
@@ -381,6 +428,14 @@ def bad_inputs(folder: Path) -> dict[str, str]:
         (["--train_file", "/no/such/folder"], "--train_file '/no/such/folder' does not exist"),
         (["--block_size", "2048"], "--block_size 2048 is larger than the model supports"),
         (["--vocab_size", "2000", "--config_name", "{small}"], "the tokenizer has"),
+        (
+            ["--config_name", "{small}", "--num_hidden_layers", "3"],
+            "--num_hidden_layers 3 differs from the 2 of --config_name '{small}'",
+        ),
+        (
+            ["--config_name", "{small}", "--dilation_rates", "1", "2"],
+            "--segment_lengths 16 32 64 128 --dilation_rates 1 2: ",
+        ),
         (["--attention", "sparse"], "--attention must be 'dilated' or 'dense'"),
         (["--sequence_parallel_size", "3"], "--sequence_parallel_size 3 must divide the number of processes (1)"),
         (["--sequence_parallel_size", "2", "--attention", "dense"], "needs --attention dilated"),
