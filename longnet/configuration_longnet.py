@@ -1,5 +1,7 @@
 """LongNet configuration: Llama's fields plus the dilated attention branches."""
 
+from pathlib import Path
+
 from huggingface_hub.dataclasses import as_validated_field, strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
@@ -115,4 +117,13 @@ class LongNetConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be in [0, vocab_size={self.vocab_size}), got {value!r}")
 
 
-__all__ = ["LongNetConfig"]
+def load_longnet_config(source: str | Path) -> LongNetConfig:
+    """The LongNetConfig in a folder or JSON file. A config of another model type is a ValueError naming it:
+    ``LongNetConfig.from_pretrained`` would warn and quietly give a Llama config LongNet's default branches."""
+    fields, _ = LongNetConfig.get_config_dict(str(source))
+    if fields.get("model_type") != LongNetConfig.model_type:
+        raise ValueError(f"{str(source)!r} holds a {fields.get('model_type')} config, not a LongNet one")
+    return LongNetConfig.from_dict(fields)
+
+
+__all__ = ["LongNetConfig", "load_longnet_config"]

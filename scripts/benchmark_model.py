@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_attention import CudaPeakMemory, PeakMemory  # noqa: E402
 
 from longnet import LongNetCache, LongNetConfig, LongNetForCausalLM  # noqa: E402
+from longnet.configuration_longnet import load_longnet_config  # noqa: E402
 
 # The models compared: 2 layers of a 12-head, 768-wide decoder; LongNet with the paper's branches.
 SIZE = dict(
@@ -153,6 +154,11 @@ def main() -> None:
     parser.add_argument("--generation_steps", type=int, default=8)
     parser.add_argument("--out", help="default docs/benchmarks/model_{device}")
     args = parser.parse_args()
+    if args.config:
+        try:
+            load_longnet_config(args.config)  # before the re-exec below: a bad path stops at once, in one line
+        except (OSError, ValueError) as error:
+            parser.error(f"--config: {error}")
     on_cuda = args.device == "cuda"
     contexts = [1000, 4000, 16000, 64000, 128000]
     defaults = {
@@ -170,8 +176,7 @@ def main() -> None:
 
     size, branches = dict(SIZE), dict(BRANCHES)
     if args.config:
-        path = Path(args.config)
-        config = LongNetConfig.from_pretrained(path) if path.is_dir() else LongNetConfig.from_json_file(path)
+        config = load_longnet_config(args.config)
         size = {name: getattr(config, name) for name in SIZE}
         branches = {name: getattr(config, name) for name in BRANCHES}
     if args.smoke:

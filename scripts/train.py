@@ -50,6 +50,7 @@ from transformers import (
 
 import longnet  # noqa: F401  (registers LongNet with the Auto classes)
 from longnet import LongNetConfig, LongNetForCausalLM
+from longnet.configuration_longnet import load_longnet_config
 from longnet.dilated_attention import check_branches
 from longnet.evaluation import check_context_lengths, evaluation_documents, perplexity_by_context, write_report
 from longnet.hub import TOKENIZER_VOCABULARY_FILES, is_secret_name, redact, redact_command_line, render_model_card
@@ -594,8 +595,10 @@ def source_config(model_args, given: dict) -> PretrainedConfig:
         if given.get("attention", kind) != kind:
             fail(f"--attention {given['attention']}: --model_name_or_path {source!r} is a {config.model_type} model")
     else:
-        path = Path(source)
-        config = LongNetConfig.from_json_file(path) if path.is_file() else LongNetConfig.from_pretrained(path)
+        try:
+            config = load_longnet_config(source)
+        except (OSError, ValueError) as error:
+            fail(f"--config_name: {error}")
     for name in SIZE_FLAGS:
         if name in given and given[name] != getattr(config, name, None):
             fail(

@@ -105,6 +105,21 @@ def test_benchmark_model_takes_a_config(tmp_path):
     assert setup["size"]["hidden_size"] == 32 and setup["size"]["vocab_size"] == 512
 
 
+def test_benchmark_model_refuses_a_config_that_is_not_longnet(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, num_attention_heads=2).save_pretrained(tmp_path / "llama")
+    script = str(ROOT / "scripts" / "benchmark_model.py")
+    result = subprocess.run(
+        [sys.executable, script, "--config", str(tmp_path / "llama"), "--out", str(tmp_path / "model")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("holds a llama config, not a LongNet one")
+    assert not list(tmp_path.glob("model*"))
+
+
 def test_benchmark_sequence_parallel_smoke(tmp_path):
     out = tmp_path / "sp"
     subprocess.run(

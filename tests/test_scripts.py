@@ -393,6 +393,8 @@ def test_sequence_parallel_training_matches_one_process(corpus, tmp_path, proces
 
 def bad_inputs(folder: Path) -> dict[str, str]:
     """Small inputs a user gets wrong, made in ``folder``; the keys are the placeholders of the cases below."""
+    from transformers import LlamaConfig
+
     from longnet import LongNetConfig
 
     code = "".join(f"square_{i} = {i} * {i}\n" for i in range(40))
@@ -419,6 +421,8 @@ def bad_inputs(folder: Path) -> dict[str, str]:
     )  # the size TINY_ARGS gives
     small.to_json_file(paths["small.json"])
     small.save_pretrained(paths["untokenized"])
+    LlamaConfig(hidden_size=32, num_attention_heads=2).to_json_file(folder / "llama.json")
+    paths["llama.json"] = folder / "llama.json"
     return {name.split(".")[0]: str(path) for name, path in paths.items()}
 
 
@@ -428,6 +432,7 @@ def bad_inputs(folder: Path) -> dict[str, str]:
         (["--train_file", "/no/such/folder"], "--train_file '/no/such/folder' does not exist"),
         (["--block_size", "2048"], "--block_size 2048 is larger than the model supports"),
         (["--vocab_size", "2000", "--config_name", "{small}"], "the tokenizer has"),
+        (["--config_name", "{llama}"], "--config_name: '{llama}' holds a llama config, not a LongNet one"),
         (
             ["--config_name", "{small}", "--num_hidden_layers", "3"],
             "--num_hidden_layers 3 differs from the 2 of --config_name '{small}'",
