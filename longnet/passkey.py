@@ -230,7 +230,7 @@ def retrieval_by_branch(
             config.dilation_rates = [branches[i][1] for i in keep]
             counts = {place: [0, 0] for place in PLACES if place in places}
             for p, token, place in zip(asked, first_tokens, places, strict=True):
-                logits = model(torch.tensor([p.ids], device=device), use_cache=False).logits[0, -1]
+                logits = model(torch.tensor([p.ids], device=device), use_cache=False, logits_to_keep=1).logits[0, -1]
                 counts[place][0] += int(logits.argmax().item() == token)
                 counts[place][1] += 1
             label = ", ".join(f"w = {w} (r = {r})" for w, r in (branches[i] for i in keep))
@@ -238,6 +238,68 @@ def retrieval_by_branch(
     finally:
         config.segment_lengths, config.dilation_rates = [w for w, _ in branches], [r for _, r in branches]
     return results
+
+
+def sees_directly(config, query: int, key: int) -> bool:
+    """Whether one attention layer of a model with ``config`` lets position ``query`` read position ``key``.
+
+    Always (``key <= query``) for a dense model; in a LongNet only when some branch ``(w, r)`` keeps both in
+    one row set of one head: the same segment, the same residue ``(t mod w) mod r``, and a head ``h`` with
+    ``h mod r`` equal to it (none when ``r`` exceeds the heads and the residue does too)."""
+    if key > query:
+        return False
+    segments = getattr(config, "segment_lengths", None)
+    if not segments:
+        return True
+    return any(
+        query // w == key // w and (query % w) % r == (key % w) % r < config.num_attention_heads
+        for w, r in zip(segments, config.dilation_rates, strict=True)
+    )
+
+
+TOKEN_ROWS = ("first token", "later tokens")
+
+
+@torch.no_grad()
+def retrieval_by_token(
+    model, tokenizer, haystack: list[int], length: int, prompts: int, seed: int = 0
+) -> tuple[dict[str, dict[int, tuple[int, int]]], int]:
+    """Which tokens of the key a model gets, and whether it needs to see them: ``({row: {copies: (right,
+    total)}}, prompts skipped)``.
+
+    Teacher-forced accuracy of every token of the key (``row``: the first, predicted from the question's
+    end, or a later one, predicted from the token before it), by how many of the needle's two copies of
+    that token (``NEEDLE`` holds the key twice) the predicting position can read in one attention step
+    (``sees_directly``). Why: a dilated branch joins only positions of one residue, so a copy at another
+    residue must first be moved to a visible position by an earlier layer; a model that has not learned
+    that gets the tokens it sees and misses the others. A dense model sees every copy. A prompt whose
+    needle does not hold the key's tokens as the answer tokenizes them is skipped (and counted)."""
+    rng = random.Random(f"{seed}-{length}-tokens")
+    asked = [make_prompt(tokenizer, haystack, length, rng.uniform(0, 100), rng) for _ in range(prompts)]
+    model.eval()
+    device = next(model.parameters()).device
+    counts = {row: {} for row in TOKEN_ROWS}
+    skipped = 0
+    for prompt in tqdm(asked, desc=f"answer tokens at {length}", unit="prompt"):
+        key_ids = tokenizer(" " + prompt.key, add_special_tokens=False)["input_ids"]
+        needle = tokenizer(NEEDLE.format(key=prompt.key), add_special_tokens=False)["input_ids"]
+        copies = [
+            prompt.needle_start + i
+            for i in range(len(needle) - len(key_ids) + 1)
+            if needle[i : i + len(key_ids)] == key_ids
+        ]
+        if not copies:
+            skipped += 1
+            continue
+        ids = torch.tensor([prompt.ids + key_ids], device=device)
+        # Position length - 1 + j predicts key token j.
+        predicted = model(ids, use_cache=False, logits_to_keep=len(key_ids) + 1).logits[0, :-1].argmax(-1)
+        for j, token in enumerate(key_ids):
+            seen = sum(sees_directly(model.config, length - 1 + j, copy + j) for copy in copies)
+            cell = counts[TOKEN_ROWS[j > 0]].setdefault(seen, [0, 0])
+            cell[0] += int(predicted[j].item() == token)
+            cell[1] += 1
+    return {row: {seen: tuple(cell) for seen, cell in sorted(cells.items())} for row, cells in counts.items()}, skipped
 
 
 def write_passkey_report(results: dict[str, dict[int, dict[float, float]]], out: Path, notes: str = "") -> None:

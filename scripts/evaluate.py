@@ -14,10 +14,16 @@ prompts of each length (needles at random depths), teacher-forced accuracy of th
 every branch, each branch left out and the local branch alone, by whether the needle is in the question's
 local segment (``longnet.passkey.retrieval_by_branch``). Writes ``{out}/branches.md`` and ``.json``.
 
+``--task tokens`` (any model): which tokens of the key a model gets. On ``--keys_per_cell`` prompts of
+each length, teacher-forced accuracy of the key's first and later tokens by how many of the needle's two
+copies of each the predicting position reads in one attention step: a dilated branch joins one residue
+class only (``longnet.passkey.retrieval_by_token``). Writes ``{out}/tokens.md`` and ``.json``.
+
     python scripts/evaluate.py outputs/longnet-stdlib outputs/llama-stdlib --out docs/results/stdlib_perplexity
     python scripts/evaluate.py MODEL --validation_file held_out/ --context_lengths 1024 4096 16384
     python scripts/evaluate.py MODEL OTHER --task passkey --lengths 1024 4096 --depths 0 50 100 --out results/
     python scripts/evaluate.py MODEL --task branches --lengths 1024 --keys_per_cell 100 --out results/
+    python scripts/evaluate.py MODEL OTHER --task tokens --lengths 4096 --keys_per_cell 200 --out results/
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from longnet.passkey import (
     needle_and_question_tokens,
     passkey_accuracy,
     retrieval_by_branch,
+    retrieval_by_token,
     write_passkey_report,
 )
 from longnet.training import (
@@ -67,20 +74,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer_name", help="default: the first model's tokenizer")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--trust_remote_code", action="store_true")
-    parser.add_argument("--task", default="perplexity", choices=["perplexity", "passkey", "branches"])
     parser.add_argument(
-        "--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384], help="passkey, branches"
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the models run (default: cuda if there is one)",
+    )
+    parser.add_argument("--task", default="perplexity", choices=["perplexity", "passkey", "branches", "tokens"])
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384], help="passkey, branches, tokens"
     )
     parser.add_argument(
         "--depths", type=float, nargs="+", default=[0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100], help="passkey, %%"
     )
     parser.add_argument(
-        "--keys_per_cell", type=int, default=20, help="passkey: keys per cell; branches: prompts per length"
+        "--keys_per_cell", type=int, default=20, help="passkey: keys per cell; branches, tokens: prompts per length"
     )
     parser.add_argument("--batch_size", type=int, default=1, help="passkey: prompts per generate() call")
-    parser.add_argument("--seed", type=int, default=0, help="passkey, branches: the keys and haystack windows")
+    parser.add_argument("--seed", type=int, default=0, help="passkey, branches, tokens: the keys and haystack windows")
     parser.add_argument(
-        "--out", help="perplexity: file prefix (default perplexity_by_context); passkey, branches: folder"
+        "--out", help="perplexity: file prefix (default perplexity_by_context); passkey, branches, tokens: folder"
     )
     parser.error = fail  # an unknown flag or bad value: one error line
     args = parser.parse_args(argv)
@@ -100,6 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_documents < 1:
         fail(f"--max_documents must be at least 1, got {args.max_documents}")
     try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device!r}: this machine has no CUDA GPU")
+    try:
         check_context_lengths(args.context_lengths, "--context_lengths")
         if args.validation_file:
             files = expand_paths(args.validation_file)
@@ -110,12 +128,14 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(error))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=args.trust_remote_code)
     token_lists = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    if args.task in ("passkey", "branches"):
+    if args.task in ("passkey", "branches", "tokens"):
         haystack = passkey_haystack(args, tokenizer, token_lists)
         if args.task == "passkey":
             evaluate_passkey(args, names, tokenizer, haystack, documents=len(token_lists))
-        else:
+        elif args.task == "branches":
             evaluate_branches(args, names, tokenizer, haystack)
+        else:
+            evaluate_tokens(args, names, tokenizer, haystack)
         return
     try:
         documents, lengths, skipped = evaluation_documents(token_lists, args.context_lengths, args.max_documents)
@@ -153,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
 def load_model(folder: str, args):
     return AutoModelForCausalLM.from_pretrained(
         folder, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code
-    )
+    ).to(args.device)
 
 
 def passkey_haystack(args, tokenizer, token_lists: list[list[int]]) -> list[int]:
@@ -222,18 +242,53 @@ def evaluate_branches(args, names: list[str], tokenizer, haystack: list[int]) ->
             table = retrieval_by_branch(model, tokenizer, haystack, length, args.keys_per_cell, seed=args.seed)
             results[name][str(length)] = table
             places = [place for place in PLACES if any(place in row for row in table.values())]
-            lines += [f"## {name} at {length} tokens", "", "| branches kept | " + " | ".join(places) + " |"]
-            lines.append("|---|" + "---:|" * len(places))
-            for label, row in table.items():
-                cells = [f"{row[p][0] / row[p][1]:.2f} ({row[p][0]}/{row[p][1]})" if p in row else "" for p in places]
-                lines.append(f"| {label} | " + " | ".join(cells) + " |")
-            lines.append("")
-    out = Path(args.out or "branches")
+            lines += [f"## {name} at {length} tokens", ""] + count_table("branches kept", places, places, table)
+    write_analysis(Path(args.out or "branches"), "branches", results, lines)
+
+
+def evaluate_tokens(args, names: list[str], tokenizer, haystack: list[int]) -> None:
+    """``--task tokens``: each model's accuracy on the key's tokens, by the copies of each it sees directly."""
+    results, lines = {}, ["# Which tokens of the key a model gets", ""]
+    lines += [
+        f"Teacher-forced accuracy of the key's tokens over {args.keys_per_cell} prompts per length (needles at "
+        f"random depths, seed {args.seed}, {args.dtype}): the first token (predicted from the question's end) "
+        "and the later ones (each from the token before it), by how many of the needle's two copies of that "
+        "token the predicting position reads in one attention step. A dense model reads both; a dilated "
+        "branch joins only positions of one residue, so a LongNet must first move a copy it cannot read.",
+        "",
+    ]
+    for name, folder in zip(names, args.models, strict=True):
+        model = load_model(folder, args)
+        results[name] = {}
+        for length in args.lengths:
+            table, skipped = retrieval_by_token(model, tokenizer, haystack, length, args.keys_per_cell, seed=args.seed)
+            results[name][str(length)] = {"skipped prompts": skipped, **table}
+            seen = sorted({copies for row in table.values() for copies in row})
+            lines += [f"## {name} at {length} tokens", ""]
+            if skipped:
+                lines += [f"{skipped} prompts skipped: their needle does not hold the key's tokens as asked.", ""]
+            labels = [f"{copies} {'copy' if copies == 1 else 'copies'} read directly" for copies in seen]
+            lines += count_table("key token", seen, labels, table)
+    write_analysis(Path(args.out or "tokens"), "tokens", results, lines)
+
+
+def count_table(corner: str, columns: list, labels: list[str], rows: dict[str, dict]) -> list[str]:
+    """Markdown lines: a row per entry of ``rows`` (``{column: (right, total)}``), a column per ``columns``
+    (headed by ``labels``), each cell the share right and the counts; a blank line after."""
+    lines = [f"| {corner} | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(columns)]
+    for label, row in rows.items():
+        cells = [f"{row[c][0] / row[c][1]:.2f} ({row[c][0]}/{row[c][1]})" if c in row else "" for c in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def write_analysis(out: Path, name: str, results: dict, lines: list[str]) -> None:
+    """``out/name.json`` (the counts) and ``out/name.md`` (the report, also printed)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "branches.json").write_text(json.dumps(results, indent=1))
-    (out / "branches.md").write_text("\n".join(lines))
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    print(f"wrote {out}/branches.md and {out}/branches.json")
+    print(f"wrote {out}/{name}.md and {out}/{name}.json")
 
 
 if __name__ == "__main__":

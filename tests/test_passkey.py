@@ -20,6 +20,8 @@ from longnet.passkey import (
     passkey_accuracy,
     plant_passkeys,
     retrieval_by_branch,
+    retrieval_by_token,
+    sees_directly,
     write_passkey_report,
 )
 
@@ -180,7 +182,7 @@ class BranchStandIn(torch.nn.Module):
         self.config = SimpleNamespace(segment_lengths=[128, far], dilation_rates=[1, 2])
         self.weight = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, ids, use_cache):
+    def forward(self, ids, use_cache, logits_to_keep):
         from types import SimpleNamespace
 
         text = self.tokenizer.decode(ids[0])
@@ -192,7 +194,7 @@ class BranchStandIn(torch.nn.Module):
         first = self.tokenizer(" " + key, add_special_tokens=False)["input_ids"][0]
         logits = torch.zeros(1, ids.shape[1], len(self.tokenizer))
         logits[0, -1, first if seen else (first + 1) % len(self.tokenizer)] = 1
-        return SimpleNamespace(logits=logits)
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:])
 
 
 def test_retrieval_by_branch_leaves_each_branch_out(tokenizer, haystack):
@@ -214,16 +216,36 @@ def test_answer_reach_is_empty_for_dense_models():
     assert answer_reach(LlamaConfig(), [1024]) == ""
 
 
-def test_branches_task_runs_through_evaluate(tokenizer, tmp_path, capsys, evaluate_main):
-    """evaluate.py --task branches: a row per branch set for a LongNet; a dense model is one error line."""
+def saved_models(tokenizer, folder):
+    """A tiny LongNet (w = 16, 64; r = 1, 2) and a tiny Llama saved with the tokenizer, and held-out text."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    longnet_folder, dense_folder, data = tmp_path / "longnet", tmp_path / "dense", tmp_path / "held_out.py"
+    longnet_folder, dense_folder, data = folder / "longnet", folder / "dense", folder / "held_out.py"
     make_model(segment_lengths=[16, 64], dilation_rates=[1, 2]).save_pretrained(longnet_folder)
     LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(dense_folder)
-    for folder in (longnet_folder, dense_folder):
-        tokenizer.save_pretrained(folder)
+    for saved in (longnet_folder, dense_folder):
+        tokenizer.save_pretrained(saved)
     data.write_text(stdlib_text(40_000))
+    return longnet_folder, dense_folder, data
+
+
+def test_tokens_task_runs_through_evaluate(tokenizer, tmp_path, evaluate_main):
+    """evaluate.py --task tokens: a table per model and length, any causal LM."""
+    longnet_folder, dense_folder, data = saved_models(tokenizer, tmp_path)
+    evaluate_main(
+        [str(longnet_folder), str(dense_folder), "--names", "LongNet", "Llama", "--task", "tokens"]
+        + ["--validation_file", str(data), "--lengths", "96", "--keys_per_cell", "6", "--out", str(tmp_path / "report")]
+    )
+    report = (tmp_path / "report" / "tokens.md").read_text()
+    assert "## LongNet at 96 tokens" in report and "## Llama at 96 tokens" in report
+    results = json.loads((tmp_path / "report" / "tokens.json").read_text())
+    assert set(results["Llama"]["96"]["first token"]) == {"2"}  # a dense model reads both copies
+    assert sum(total for _, total in results["LongNet"]["96"]["first token"].values()) == 6
+
+
+def test_branches_task_runs_through_evaluate(tokenizer, tmp_path, capsys, evaluate_main):
+    """evaluate.py --task branches: a row per branch set for a LongNet; a dense model is one error line."""
+    longnet_folder, dense_folder, data = saved_models(tokenizer, tmp_path)
     common = ["--task", "branches", "--validation_file", str(data), "--lengths", "96", "--keys_per_cell", "4"]
     evaluate_main([str(longnet_folder), *common, "--out", str(tmp_path / "report")])
     rows = ["w = 16 (r = 1), w = 64 (r = 2)", "w = 64 (r = 2)", "w = 16 (r = 1)"]  # all, each left out
@@ -234,6 +256,70 @@ def test_branches_task_runs_through_evaluate(tokenizer, tmp_path, capsys, evalua
         evaluate_main([str(dense_folder), *common, "--out", str(tmp_path / "dense_report")])
     assert stop.value.code == 2 and "error: --task branches needs LongNet models" in capsys.readouterr().err
     assert not (tmp_path / "dense_report").exists()
+
+
+@pytest.mark.parametrize(
+    "segments, rates, heads",
+    [((4, 8, 12), (1, 2, 3), 4), ((6, 20), (1, 4), 4), ((5, 7), (2, 3), 2), ((8, 32), (1, 6), 4)],
+)
+def test_sees_directly_matches_the_attention(segments, rates, heads):
+    """Position t reads position s in one layer exactly when the output at t depends on the value at s in
+    some head of ``dilated_attention`` (w % r != 0 and r > heads included)."""
+    from types import SimpleNamespace
+
+    from longnet import dilated_attention
+
+    length = 40
+    config = SimpleNamespace(segment_lengths=list(segments), dilation_rates=list(rates), num_attention_heads=heads)
+    query, key = torch.randn(2, 1, heads, length, 8).unbind(0)
+    value = torch.randn(1, heads, length, 8, requires_grad=True)
+    out = dilated_attention(query, key, value, segments, rates, backend="eager")
+    for t in range(length):
+        (gradient,) = torch.autograd.grad(out[0, :, t].sum(), value, retain_graph=True)
+        reads = gradient[0].abs().sum((0, 2)) > 0  # over heads and channels
+        assert reads.tolist() == [sees_directly(config, t, s) for s in range(length)], t
+
+
+class KeyReader(torch.nn.Module):
+    """Predicts every next token right (teacher forcing makes that the prompt's own next token)."""
+
+    def __init__(self, vocabulary: int, **config):
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.vocabulary, self.config = vocabulary, SimpleNamespace(num_attention_heads=2, **config)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids, use_cache, logits_to_keep):
+        from types import SimpleNamespace
+
+        logits = torch.nn.functional.one_hot(torch.roll(ids, -1, 1), self.vocabulary).float()
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:])
+
+
+def test_retrieval_by_token_counts_the_copies_a_position_reads(tokenizer, haystack):
+    """A dense model reads both copies of every key token; with one branch of rate 2 over the whole prompt,
+    a position reads the copies at its own parity (the same for every token of a prompt's key)."""
+    import random
+
+    dense, skipped = retrieval_by_token(KeyReader(len(tokenizer)), tokenizer, haystack, 300, prompts=12)
+    assert skipped == 0 and set(dense["first token"]) == {2} and set(dense["later tokens"]) == {2}
+    assert dense["first token"][2] == (12, 12)
+    dilated, _ = retrieval_by_token(
+        KeyReader(len(tokenizer), segment_lengths=[512], dilation_rates=[2]), tokenizer, haystack, 300, prompts=12
+    )
+    rng = random.Random("0-300-tokens")  # the prompts retrieval_by_token asks
+    expected = {}
+    for _ in range(12):
+        prompt = make_prompt(tokenizer, haystack, 300, rng.uniform(0, 100), rng)
+        key_ids = tokenizer(" " + prompt.key, add_special_tokens=False)["input_ids"]
+        starts = [i for i in range(300) if prompt.ids[i : i + len(key_ids)] == key_ids]
+        at_parity = sum((299 - start) % 2 == 0 for start in starts)
+        for row, tokens in (("first token", 1), ("later tokens", len(key_ids) - 1)):
+            right, total = expected.setdefault(row, {}).get(at_parity, (0, 0))
+            expected[row][at_parity] = (right + tokens, total + tokens)
+    expected["later tokens"] = {c: cell for c, cell in expected["later tokens"].items() if cell[1]}
+    assert {row: dict(cells) for row, cells in dilated.items()} == expected
 
 
 def haystack_blocks(haystack, count: int, length: int):

@@ -552,6 +552,7 @@ def tiny_model(tmp_path_factory) -> Path:
         ),
         (["--context_lengths", "32", "64", "100000"], "Context length 100000 skipped: longer than every document", 0),
         (["--tokenizer_name", "{untokenized}"], "'{untokenized}' has no tokenizer", 2),
+        (["--device", "gpu0"], "error: --device 'gpu0' is not a device", 2),
     ],
 )
 def test_evaluate_bad_inputs(tiny_model, tmp_path, capsys, extra, message, code):

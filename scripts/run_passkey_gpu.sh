@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Issue 15's retrieval recipe on a GPU, as one run of at most about 7 minutes on a lent machine: the same
+# commands as the CPU runs of docs/results/passkey.md, with more steps. Three models of one size (4 layers,
+# hidden 128, 8 heads) and one tokenizer train side by side on the GPU (tiny models leave it mostly idle):
+#   dense    a Llama (SDPA)
+#   longnet  LongNet, w = 256, 4096 (r = 1, 2) at 1K, then w = 256, 65536 at 16K
+#   paper    LongNet with rates growing with the segment: w = 256 ... 16384 (r = 1, 2, 4, 8), + 65536 (r = 16)
+# the 1K stage (STEPS_1K steps of 8 x 1024 tokens), then the 16K stage from it (STEPS_16K steps of 1 x 16384),
+# then the pass key grid (1K-16K x 11 depths, KEYS keys a cell; 32K and 64K x 5 depths), the branch
+# analysis and one-process step times, each only while the run is inside BUDGET seconds.
+#   TOKENIZER=folder bash scripts/run_passkey_gpu.sh
+# Writes under $OUT (default outputs/passkey_gpu), at most 8 files: passkey_gpu.log, results.tar.gz (the
+# evaluations, training logs and reports) and one models_NAME.tar.gz per model (both stages' weights,
+# without checkpoints). A newer transformers and datasets can travel as wheels in .whl/ (to /tmp/site).
+set -uo pipefail
+OUT=${OUT:-outputs/passkey_gpu}
+TOKENIZER=${TOKENIZER:?set TOKENIZER to a tokenizer folder (the main job 4096-token BPE)}
+WORK=${WORK:-/tmp/passkey_gpu}
+STEPS_1K=${STEPS_1K:-3000}
+STEPS_16K=${STEPS_16K:-1000}
+KEYS=${KEYS:-20}
+LENGTHS=${LENGTHS:-1024 2048 4096 8192 16384}
+BEYOND=${BEYOND:-32768 65536}
+BUDGET=${BUDGET:-400}
+mkdir -p "$OUT" "$WORK"
+LOG=$OUT/passkey_gpu.log
+export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+DEVICE=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+say() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
+{
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
+    python3 -c "import torch, transformers, datasets, pyarrow; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)"
+} 2>&1 | tee -a "$LOG"
+
+SIZE="--hidden_size 128 --intermediate_size 384 --num_hidden_layers 4 --num_attention_heads 8 --max_position_embeddings 262144"
+RECIPE="--passkey_share 1 --passkey_answer_weight 64 --adam_beta2 0.95 --bf16 true --logging_steps 100 --save_steps 100000 --disable_tqdm true"
+declare -A BRANCHES_1K=([dense]="--attention dense" [longnet]="--segment_lengths 256 4096 --dilation_rates 1 2"
+    [paper]="--segment_lengths 256 1024 4096 16384 --dilation_rates 1 2 4 8")
+declare -A BRANCHES_16K=([dense]="" [longnet]="--segment_lengths 256 65536 --dilation_rates 1 2"
+    [paper]="--segment_lengths 256 1024 4096 16384 65536 --dilation_rates 1 2 4 8 16")
+MODELS="dense longnet paper"
+
+train() {  # name stage flags...: one training, its log kept whole in $WORK and summed up in the run's log
+    local name=$1 stage=$2
+    shift 2
+    python3 scripts/train.py --output_dir "$WORK/$name-$stage" "$@" >"$WORK/$name-$stage.log" 2>&1
+    say "$name-$stage: rc=$? $(grep -o "'train_runtime': '[0-9.]*'" "$WORK/$name-$stage.log" | tail -1)" \
+        "$(grep -o "'loss': '[0-9.]*'" "$WORK/$name-$stage.log" | tail -1)"
+}
+
+say "1K stage: $STEPS_1K steps of 8 x 1024"
+for name in $MODELS; do
+    # shellcheck disable=SC2086
+    train "$name" 1k --tokenizer_name "$TOKENIZER" $SIZE ${BRANCHES_1K[$name]} --block_size 1024 \
+        --per_device_train_batch_size 8 --max_steps "$STEPS_1K" --warmup_steps 50 --learning_rate 2e-3 \
+        --passkey_episodes 8 --seed 42 $RECIPE &
+done
+wait
+say "16K stage: $STEPS_16K steps of 1 x 16384"
+for name in $MODELS; do
+    # shellcheck disable=SC2086
+    train "$name" 16k --model_name_or_path "$WORK/$name-1k" ${BRANCHES_16K[$name]} --block_size 16384 \
+        --per_device_train_batch_size 1 --max_steps "$STEPS_16K" --warmup_steps 20 --learning_rate 1e-3 \
+        --passkey_episodes 16 --seed 44 $RECIPE &
+done
+wait
+for name in $MODELS; do  # the weights first: they come back even if an evaluation runs out of time
+    tar -czf "$OUT/models_$name.tar.gz" -C "$WORK" --exclude "checkpoint-*" --exclude "*.bin" "$name-1k" "$name-16k"
+done
+
+evaluate() {  # out flags...: one evaluate.py run; all but the first only while the run is inside its budget
+    local out=$1
+    shift
+    if [ "$out" != passkey_16k ] && ((SECONDS > BUDGET)); then
+        say "skipped (past the budget): $out"
+        return
+    fi
+    python3 scripts/evaluate.py "$@" --dtype bfloat16 --out "$WORK/$out" >"$WORK/$out.log" 2>&1
+    say "$out: rc=$?"
+    grep -v "it/s\]\|s/it\]\|key/s\]\|variant/s\]" "$WORK/$out.log" | tail -30 >>"$LOG"
+}
+folders() { for name in $MODELS; do echo "$WORK/$name-$1"; done; }
+# shellcheck disable=SC2046
+evaluate passkey_16k $(folders 16k) --names $MODELS --task passkey --lengths $LENGTHS --keys_per_cell "$KEYS" \
+    --batch_size "$KEYS"
+# shellcheck disable=SC2046
+evaluate passkey_1k $(folders 1k) --names $MODELS --task passkey --lengths 1024 --keys_per_cell "$KEYS" \
+    --batch_size "$KEYS"
+evaluate branches_longnet "$WORK/longnet-16k" --task branches --lengths 4096 16384 --keys_per_cell 100
+evaluate branches_paper "$WORK/paper-16k" --task branches --lengths 4096 16384 --keys_per_cell 100
+# shellcheck disable=SC2046
+evaluate passkey_beyond $(folders 16k) --names $MODELS --task passkey --lengths $BEYOND --depths 0 25 50 75 100 \
+    --keys_per_cell 10 --batch_size 5
+if ((SECONDS <= BUDGET)); then
+    for name in longnet paper; do
+        python3 scripts/benchmark_model.py --device "$DEVICE" --config "$WORK/$name-16k" --dtypes bfloat16 --train_lengths 16384 \
+            --generation_contexts 16000 --repeats 5 --out "$WORK/step_time_$name" >"$WORK/step_time_$name.log" 2>&1
+        say "step_time_$name: rc=$?"
+        tail -15 "$WORK/step_time_$name.log" >>"$LOG"
+    done
+fi
+
+(cd "$WORK" && tar -czf "$OUT/results.tar.gz" ./*.log passkey_* branches_* step_time_* 2>/dev/null)
+say "done"
