@@ -7,7 +7,8 @@
 #   paper    LongNet with rates growing with the segment: w = 256 ... 16384 (r = 1, 2, 4, 8), + 65536 (r = 16)
 # the 1K stage (STEPS_1K steps of 8 x 1024 tokens), then the 16K stage from it (STEPS_16K steps of 1 x 16384),
 # then the pass key grid (1K-16K x 11 depths, KEYS keys a cell; 32K and 64K x 5 depths), the branch
-# analysis and one-process step times, each only while the run is inside BUDGET seconds.
+# analysis and one-process step times, each only while the run is inside BUDGET seconds. SIZE overrides
+# the model's size flags (e.g. more layers).
 #   TOKENIZER=folder bash scripts/run_passkey_gpu.sh
 # Writes under $OUT (default outputs/passkey_gpu), at most 8 files: passkey_gpu.log, results.tar.gz (the
 # evaluations, training logs and reports) and one models_NAME.tar.gz per model (both stages' weights,
@@ -37,7 +38,7 @@ say() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
 transformers.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)"
 } 2>&1 | tee -a "$LOG"
 
-SIZE="--hidden_size 128 --intermediate_size 384 --num_hidden_layers 4 --num_attention_heads 8 --max_position_embeddings 262144"
+SIZE=${SIZE:-"--hidden_size 128 --intermediate_size 384 --num_hidden_layers 4 --num_attention_heads 8 --max_position_embeddings 262144"}
 RECIPE="--passkey_share 1 --passkey_answer_weight 64 --adam_beta2 0.95 --bf16 true --logging_steps 100 --save_steps 100000 --disable_tqdm true"
 declare -A BRANCHES_1K=([dense]="--attention dense" [longnet]="--segment_lengths 256 4096 --dilation_rates 1 2"
     [paper]="--segment_lengths 256 1024 4096 16384 --dilation_rates 1 2 4 8")
