@@ -265,11 +265,14 @@ def final_weights(folder: Path) -> dict:
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(corpus, tmp_path):
     args = ["--train_file", str(corpus), "--max_steps", "30", "--save_steps", "3", *TINY_ARGS]
+    # One thread: a CPU run's sums split across threads by how many the OpenMP/MKL runtimes hand out under
+    # the machine's load, and the polling below loads it, so two runs agree bitwise only on one thread.
+    one_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     whole = tmp_path / "whole"
-    run([sys.executable, TRAIN, "--output_dir", str(whole), *args])
+    run([sys.executable, TRAIN, "--output_dir", str(whole), *args], env=one_thread)
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **one_thread}
     process = subprocess.Popen(
         [sys.executable, TRAIN, "--output_dir", str(killed), *args],
         env=env,
@@ -285,9 +288,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(corpus, tmp_path):
     assert not (killed / "checkpoint-30").exists()
 
     # The folder is not empty: without --resume_from_checkpoint the script refuses to write into it.
-    refused = run([sys.executable, TRAIN, "--output_dir", str(killed), *args], check=False)
+    refused = run([sys.executable, TRAIN, "--output_dir", str(killed), *args], check=False, env=one_thread)
     assert refused.returncode != 0 and "--overwrite_output_dir" in refused.stderr
-    run([sys.executable, TRAIN, "--output_dir", str(killed), "--resume_from_checkpoint", "last", *args])
+    run([sys.executable, TRAIN, "--output_dir", str(killed), "--resume_from_checkpoint", "last", *args], env=one_thread)
     expected, got = final_weights(whole), final_weights(killed)
     assert expected.keys() == got.keys()
     for name in expected:
