@@ -104,7 +104,7 @@ def make_prompt(tokenizer, haystack: list[int], length: int, depth: float, rng: 
     return Prompt(window[:at] + needle + window[at:] + question, key, at)
 
 
-def plant_passkeys(blocks, tokenizer, share: float, seed: int, episodes: int = 1):
+def plant_passkeys(blocks, tokenizer, share: float, seed: int, episodes: int = 1, boundary: int = 0):
     """Training blocks (``input_ids``, ``labels``, ``position_ids``) of which about ``share`` carry pass keys.
 
     A planted block is cut into n equal slots, n drawn uniformly from 1, 2, 4, ... up to ``episodes``
@@ -113,14 +113,25 @@ def plant_passkeys(blocks, tokenizer, share: float, seed: int, episodes: int = 1
     second half: a random key's needle at a uniformly random position, then the question and its answer
     (the latest needle's key). A planted block becomes one sequence (positions 0..L-1), so nothing keeps
     the needle from the question. Every block gains ``answer_mask``: 1 on the answer tokens, else 0 (for
-    ``AnswerWeightedTrainer``). The same ``seed`` plants the same keys in the same places."""
+    ``AnswerWeightedTrainer``). The same ``seed`` plants the same keys in the same places.
+
+    With ``boundary`` > 0, half the episodes whose slot allows it end so that their answer starts at a
+    multiple of ``boundary``: for a LongNet whose shortest segment is ``boundary`` long, the answer then
+    opens a new segment, as after a prompt of a multiple of w tokens, and its tokens after the first reach
+    the prompt only through the sparse branches (``answer_reach``)."""
     shortest_episode = planting_tokens(tokenizer) + 1
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
 
-    def plant_episode(ids: list[int], mask: list[int], start: int, end: int, rng: random.Random) -> None:
-        """Writes one episode into ``ids[start:end]`` (in place) and marks its answer in ``mask``."""
+    def plant_episode(ids: list[int], mask: list[int], start: int, ends: range, end: int, rng: random.Random) -> None:
+        """Writes one episode into ``ids[start:end]`` (in place) and marks its answer in ``mask``; with a
+        ``boundary``, half the time it moves ``end`` within ``ends`` so the answer starts on one."""
         key, needle = random_needle(tokenizer, rng)
         reply = tokenizer(" " + key + "\n", add_special_tokens=False)["input_ids"]
+        if boundary and rng.random() < 0.5:
+            first = -(-(ends.start - len(reply)) // boundary) * boundary + len(reply)
+            aligned = range(first, ends.stop, boundary)
+            if aligned:
+                end = rng.choice(aligned)
         at = rng.randrange(start, end - len(needle) - len(question) - len(reply) + 1)
         ids[at : at + len(needle)] = needle
         ids[end - len(question) - len(reply) : end] = question + reply
@@ -140,7 +151,7 @@ def plant_passkeys(blocks, tokenizer, share: float, seed: int, episodes: int = 1
             # question does not sit at a fixed phase of LongNet's fixed segments (which tell a model its
             # position modulo w), and a model cannot learn where answers are instead of reading them
             slack = end - start - max(shortest_episode, (end - start + 1) // 2)
-            plant_episode(ids, mask, start, end - rng.randrange(slack + 1), rng)
+            plant_episode(ids, mask, start, range(end - slack, end + 1), end - rng.randrange(slack + 1), rng)
         return {"input_ids": ids, "labels": [-100, *ids[1:]], "position_ids": list(range(length)), "answer_mask": mask}
 
     description = f"Planting pass keys in {share:.0%} of the blocks"

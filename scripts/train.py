@@ -106,6 +106,7 @@ RUN_DEFINING = [
     "document_boundaries",
     "passkey_share",
     "passkey_episodes",
+    "passkey_boundary",
     "seed",
     "data_seed",
     "per_device_train_batch_size",
@@ -168,6 +169,13 @@ class DataArguments:
         metadata={
             "help": "Most pass keys per planted block: each is cut into 1, 2, 4, ... up to this many equal episodes "
             "(drawn at random), each with its own needle, question and answer, so training distances cover every scale."
+        },
+    )
+    passkey_boundary: int = field(
+        default=0,
+        metadata={
+            "help": "Shortest segment length w of the LongNet trained (0: off): half the planted answers then start "
+            "at a multiple of w, a new segment, as after a prompt of a multiple of w tokens (docs/results/passkey.md)."
         },
     )
     passkey_answer_weight: float = field(
@@ -245,7 +253,12 @@ def main(argv: list[str] | None = None) -> None:
     check_batches(len(train_blocks), data_args.block_size, training_args)
     if data_args.passkey_share:
         train_blocks = plant_passkeys(
-            train_blocks, tokenizer, data_args.passkey_share, training_args.seed, data_args.passkey_episodes
+            train_blocks,
+            tokenizer,
+            data_args.passkey_share,
+            training_args.seed,
+            data_args.passkey_episodes,
+            data_args.passkey_boundary,
         )
         if not data_args.passkey_answer_weight:
             train_blocks = train_blocks.remove_columns("answer_mask")
@@ -392,11 +405,14 @@ def check_arguments(model_args, data_args, training_args) -> None:
         fail(f"--passkey_share must be between 0 and 1, got {data_args.passkey_share}")
     if data_args.passkey_episodes < 1:
         fail(f"--passkey_episodes must be at least 1, got {data_args.passkey_episodes}")
+    if data_args.passkey_boundary < 0:
+        fail(f"--passkey_boundary must be 0 (off) or a segment length, got {data_args.passkey_boundary}")
     if data_args.passkey_answer_weight < 0:
         fail(f"--passkey_answer_weight must be at least 0, got {data_args.passkey_answer_weight}")
     if not data_args.passkey_share:
         for name, given in (
             ("passkey_episodes", data_args.passkey_episodes != 1),
+            ("passkey_boundary", data_args.passkey_boundary),
             ("passkey_answer_weight", data_args.passkey_answer_weight),
         ):
             if given:

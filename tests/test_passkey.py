@@ -357,13 +357,16 @@ def test_planted_blocks_end_with_the_answer_to_their_own_key(tokenizer, haystack
     assert 10 <= changed <= 30
 
 
-def test_episodes_each_ask_for_their_own_latest_key(tokenizer, haystack):
+@pytest.mark.parametrize("boundary", [0, 64])
+def test_episodes_each_ask_for_their_own_latest_key(tokenizer, haystack, boundary):
     """With ``episodes=8`` a 1,200-token block holds 1, 2, 4 or 8 equal slots, an episode ending anywhere in
     the second half of each; every question is followed by the key of the needle just before it, and the
-    answer mask marks exactly those answers."""
+    answer mask marks exactly those answers. With a ``boundary``, about half the answers start on a multiple
+    of it (by chance: 1 in 64)."""
     length = 1200
-    planted = plant_passkeys(haystack_blocks(haystack, 24, length), tokenizer, share=1.0, seed=5, episodes=8)
-    counts, shifts = set(), []
+    blocks = haystack_blocks(haystack, 24, length)
+    planted = plant_passkeys(blocks, tokenizer, share=1.0, seed=5, episodes=8, boundary=boundary)
+    counts, shifts, starts = set(), [], []
     for block in planted:
         ids, mask = block["input_ids"], block["answer_mask"]
         text = tokenizer.decode(ids)
@@ -375,12 +378,15 @@ def test_episodes_each_ask_for_their_own_latest_key(tokenizer, haystack):
         marked = tokenizer.decode([token for token, bit in zip(ids, mask, strict=True) if bit])
         assert marked == "".join(f" {reply}\n" for reply in replies)
         ends = [i + 1 for i in range(length) if mask[i] and (i + 1 == length or not mask[i + 1])]
+        starts += [i for i in range(length) if mask[i] and not (i and mask[i - 1])]
         slots = [(length * i // len(episodes), length * (i + 1) // len(episodes)) for i in range(len(episodes))]
         for end, (start, stop) in zip(ends, slots, strict=True):  # equal slots, each episode ends in its 2nd half
             assert start + (stop - start) // 2 <= end <= stop
             shifts.append(stop - end)
     assert counts == {1, 2, 4, 8}
     assert len(set(shifts)) > len(shifts) // 2  # answers end at many phases, not at fixed places
+    on_boundary = sum(start % 64 == 0 for start in starts) / len(starts)
+    assert (0.25 <= on_boundary <= 0.6) if boundary else on_boundary < 0.1
 
 
 def test_answer_weighted_loss_adds_weighted_answer_tokens(tokenizer, haystack):

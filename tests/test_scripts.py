@@ -472,6 +472,11 @@ def bad_inputs(folder: Path) -> dict[str, str]:
         (["--passkey_share", "0.5", "--passkey_episodes", "0"], "--passkey_episodes must be at least 1, got 0"),
         (["--passkey_episodes", "4"], "--passkey_episodes needs --passkey_share above 0"),
         (["--passkey_answer_weight", "5"], "--passkey_answer_weight needs --passkey_share above 0"),
+        (["--passkey_boundary", "256"], "--passkey_boundary needs --passkey_share above 0"),
+        (
+            ["--passkey_share", "1", "--passkey_boundary", "-1"],
+            "--passkey_boundary must be 0 (off) or a segment length, got -1",
+        ),
         (["--passkey_share", "1", "--passkey_answer_weight", "-1"], "--passkey_answer_weight must be at least 0"),
         (
             ["--passkey_share", "1", "--passkey_answer_weight", "5", "--sequence_parallel_size", "2"],
