@@ -122,16 +122,17 @@ def plant_passkeys(blocks, tokenizer, share: float, seed: int, episodes: int = 1
     shortest_episode = planting_tokens(tokenizer) + 1
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
 
-    def plant_episode(ids: list[int], mask: list[int], start: int, ends: range, end: int, rng: random.Random) -> None:
-        """Writes one episode into ``ids[start:end]`` (in place) and marks its answer in ``mask``; with a
-        ``boundary``, half the time it moves ``end`` within ``ends`` so the answer starts on one."""
+    def plant_episode(ids: list[int], mask: list[int], start: int, ends: range, rng: random.Random) -> None:
+        """Writes one episode into ``ids[start:end]`` (in place), ``end`` drawn from ``ends``, and marks its
+        answer in ``mask``; with a ``boundary``, half the time ``end`` is one where the answer starts on one."""
+        end = ends[-1] - rng.randrange(len(ends))
         key, needle = random_needle(tokenizer, rng)
         reply = tokenizer(" " + key + "\n", add_special_tokens=False)["input_ids"]
         if boundary and rng.random() < 0.5:
-            first = -(-(ends.start - len(reply)) // boundary) * boundary + len(reply)
-            aligned = range(first, ends.stop, boundary)
-            if aligned:
-                end = rng.choice(aligned)
+            first = -(-(ends.start - len(reply)) // boundary) * boundary
+            answer_starts = range(first, ends.stop - len(reply), boundary)
+            if answer_starts:
+                end = rng.choice(answer_starts) + len(reply)
         at = rng.randrange(start, end - len(needle) - len(question) - len(reply) + 1)
         ids[at : at + len(needle)] = needle
         ids[end - len(question) - len(reply) : end] = question + reply
@@ -151,7 +152,7 @@ def plant_passkeys(blocks, tokenizer, share: float, seed: int, episodes: int = 1
             # question does not sit at a fixed phase of LongNet's fixed segments (which tell a model its
             # position modulo w), and a model cannot learn where answers are instead of reading them
             slack = end - start - max(shortest_episode, (end - start + 1) // 2)
-            plant_episode(ids, mask, start, range(end - slack, end + 1), end - rng.randrange(slack + 1), rng)
+            plant_episode(ids, mask, start, range(end - slack, end + 1), rng)
         return {"input_ids": ids, "labels": [-100, *ids[1:]], "position_ids": list(range(length)), "answer_mask": mask}
 
     description = f"Planting pass keys in {share:.0%} of the blocks"

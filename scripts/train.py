@@ -407,6 +407,11 @@ def check_arguments(model_args, data_args, training_args) -> None:
         fail(f"--passkey_episodes must be at least 1, got {data_args.passkey_episodes}")
     if data_args.passkey_boundary < 0:
         fail(f"--passkey_boundary must be 0 (off) or a segment length, got {data_args.passkey_boundary}")
+    if data_args.passkey_share and data_args.passkey_boundary >= data_args.block_size:
+        fail(
+            f"--passkey_boundary {data_args.passkey_boundary} leaves no boundary inside a block of --block_size "
+            f"{data_args.block_size}: no answer would start on one"
+        )
     if data_args.passkey_answer_weight < 0:
         fail(f"--passkey_answer_weight must be at least 0, got {data_args.passkey_answer_weight}")
     if not data_args.passkey_share:

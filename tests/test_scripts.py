@@ -477,6 +477,10 @@ def bad_inputs(folder: Path) -> dict[str, str]:
             ["--passkey_share", "1", "--passkey_boundary", "-1"],
             "--passkey_boundary must be 0 (off) or a segment length, got -1",
         ),
+        (
+            ["--passkey_share", "1", "--passkey_boundary", "128"],
+            "--passkey_boundary 128 leaves no boundary inside a block of --block_size 128",
+        ),
         (["--passkey_share", "1", "--passkey_answer_weight", "-1"], "--passkey_answer_weight must be at least 0"),
         (
             ["--passkey_share", "1", "--passkey_answer_weight", "5", "--sequence_parallel_size", "2"],
