@@ -104,7 +104,18 @@ def make_prompt(tokenizer, haystack: list[int], length: int, depth: float, rng: 
     return Prompt(window[:at] + needle + window[at:] + question, key, at)
 
 
-def plant_passkeys(blocks, tokenizer, share: float, seed: int, episodes: int = 1, boundary: int = 0):
+def key_copies(needle: list[int], key_ids: list[int]) -> list[int]:
+    """Where the key's tokens (``key_ids``, as an answer tokenizes it) start in the needle's tokens: ``NEEDLE``
+    holds the key twice, though a tokenizer may merge a copy with its neighbours."""
+    return [i for i in range(len(needle) - len(key_ids) + 1) if needle[i : i + len(key_ids)] == key_ids]
+
+
+HOP_TRIES = 16  # random needle places an episode of --passkey_hop tries before it keeps a readable one
+
+
+def plant_passkeys(
+    blocks, tokenizer, share: float, seed: int, episodes: int = 1, boundary: int = 0, hop: float = 0.0, config=None
+):
     """Training blocks (``input_ids``, ``labels``, ``position_ids``) of which about ``share`` carry pass keys.
 
     A planted block is cut into n equal slots, n drawn uniformly from 1, 2, 4, ... up to ``episodes``
@@ -118,7 +129,17 @@ def plant_passkeys(blocks, tokenizer, share: float, seed: int, episodes: int = 1
     With ``boundary`` > 0, half the episodes whose slot allows it end so that their answer starts at a
     multiple of ``boundary``: for a LongNet whose shortest segment is ``boundary`` long, the answer then
     opens a new segment, as after a prompt of a multiple of w tokens, and its tokens after the first reach
-    the prompt only through the sparse branches (``answer_reach``)."""
+    the prompt only through the sparse branches (``answer_reach``).
+
+    With ``hop`` > 0 and the LongNet ``config`` being trained, that share of the episodes puts its needle
+    where no position that predicts a key token of the answer reads a copy of that token in one attention
+    step (``sees_directly``; the first of up to ``HOP_TRIES`` random places, else the last): the model must
+    move the key to its own residue in an earlier layer, a hop that needles at random places ask for too
+    rarely to be learned (docs/results/passkey.md)."""
+    if not 0 <= hop <= 1:
+        raise ValueError(f"hop must be between 0 and 1, got {hop}")
+    if hop and not getattr(config, "segment_lengths", None):
+        raise ValueError("hop needs the config of the LongNet trained (a dense model reads every copy directly)")
     shortest_episode = planting_tokens(tokenizer) + 1
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
 
@@ -133,7 +154,23 @@ def plant_passkeys(blocks, tokenizer, share: float, seed: int, episodes: int = 1
             answer_starts = range(first, ends.stop - len(reply), boundary)
             if answer_starts:
                 end = rng.choice(answer_starts) + len(reply)
-        at = rng.randrange(start, end - len(needle) - len(question) - len(reply) + 1)
+        last = end - len(needle) - len(question) - len(reply)
+        at = rng.randrange(start, last + 1)
+        if hop and rng.random() < hop:
+            key_ids = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
+            copies, answer_start = key_copies(needle, key_ids), end - len(reply)
+
+            def reads_a_copy(at: int) -> bool:
+                return any(
+                    sees_directly(config, answer_start - 1 + j, at + copy + j)
+                    for copy in copies
+                    for j in range(len(key_ids))
+                )
+
+            for _ in range(HOP_TRIES - 1):
+                if not reads_a_copy(at):
+                    break
+                at = rng.randrange(start, last + 1)
         ids[at : at + len(needle)] = needle
         ids[end - len(question) - len(reply) : end] = question + reply
         mask[end - len(reply) : end] = [1] * len(reply)
@@ -295,11 +332,7 @@ def retrieval_by_token(
     for prompt in tqdm(asked, desc=f"answer tokens at {length}", unit="prompt"):
         key_ids = tokenizer(" " + prompt.key, add_special_tokens=False)["input_ids"]
         needle = tokenizer(NEEDLE.format(key=prompt.key), add_special_tokens=False)["input_ids"]
-        copies = [
-            prompt.needle_start + i
-            for i in range(len(needle) - len(key_ids) + 1)
-            if needle[i : i + len(key_ids)] == key_ids
-        ]
+        copies = [prompt.needle_start + i for i in key_copies(needle, key_ids)]
         if not copies:
             skipped += 1
             continue

@@ -107,6 +107,7 @@ RUN_DEFINING = [
     "passkey_share",
     "passkey_episodes",
     "passkey_boundary",
+    "passkey_hop",
     "seed",
     "data_seed",
     "per_device_train_batch_size",
@@ -178,6 +179,13 @@ class DataArguments:
             "at a multiple of w, a new segment, as after a prompt of a multiple of w tokens (docs/results/passkey.md)."
         },
     )
+    passkey_hop: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of planted episodes (LongNet only) whose needle lies where the answer's positions read no "
+            "copy of the key in one attention step, so the model must learn to move it (docs/results/passkey.md)."
+        },
+    )
     passkey_answer_weight: float = field(
         default=0.0,
         metadata={"help": "Extra loss weight of planted keys' answer tokens (0: the plain language-modelling loss)."},
@@ -239,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = get_tokenizer(model_args, training_args, train_docs, checkpoint)
     model = get_model(model_args, tokenizer, given)
     check_fit(model, tokenizer, data_args.block_size, training_args.sequence_parallel_size)
+    if data_args.passkey_hop and not getattr(model.config, "segment_lengths", None):
+        fail(f"--passkey_hop needs a LongNet: a {model.config.model_type} model reads every copy of the key directly")
     if data_args.passkey_share and data_args.block_size < planting_tokens(tokenizer) + 1:
         fail(
             f"--block_size {data_args.block_size} is too short to plant pass keys (the needle, the question and "
@@ -259,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
             training_args.seed,
             data_args.passkey_episodes,
             data_args.passkey_boundary,
+            data_args.passkey_hop,
+            model.config,
         )
         if not data_args.passkey_answer_weight:
             train_blocks = train_blocks.remove_columns("answer_mask")
@@ -412,12 +424,15 @@ def check_arguments(model_args, data_args, training_args) -> None:
             f"--passkey_boundary {data_args.passkey_boundary} leaves no boundary inside a block of --block_size "
             f"{data_args.block_size}: no answer would start on one"
         )
+    if not 0 <= data_args.passkey_hop <= 1:
+        fail(f"--passkey_hop must be between 0 and 1, got {data_args.passkey_hop}")
     if data_args.passkey_answer_weight < 0:
         fail(f"--passkey_answer_weight must be at least 0, got {data_args.passkey_answer_weight}")
     if not data_args.passkey_share:
         for name, given in (
             ("passkey_episodes", data_args.passkey_episodes != 1),
             ("passkey_boundary", data_args.passkey_boundary),
+            ("passkey_hop", data_args.passkey_hop),
             ("passkey_answer_weight", data_args.passkey_answer_weight),
         ):
             if given:

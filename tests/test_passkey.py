@@ -389,6 +389,47 @@ def test_episodes_each_ask_for_their_own_latest_key(tokenizer, haystack, boundar
     assert (0.25 <= on_boundary <= 0.6) if boundary else on_boundary < 0.1
 
 
+@pytest.mark.parametrize("hop", [0.0, 1.0])
+def test_hop_episodes_put_the_needle_where_the_answer_reads_no_copy(tokenizer, haystack, hop):
+    """One branch of rate 2 over the whole block: a position reads the copies at its own parity. With
+    ``hop=1`` every episode whose two copies share a parity puts them at the other one than the positions
+    predicting the key (by chance: half of them); an episode whose copies differ reads one either way."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(segment_lengths=[2048], dilation_rates=[2], num_attention_heads=2)
+    length = 1200
+    blocks = haystack_blocks(haystack, 24, length)
+    planted = plant_passkeys(blocks, tokenizer, share=1.0, seed=7, episodes=8, hop=hop, config=config)
+    for bad, message in (
+        (dict(hop=1.5, config=config), "hop must be between 0 and 1"),
+        (dict(hop=0.5), "needs the config"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            plant_passkeys(blocks, tokenizer, share=1.0, seed=7, **bad)
+    if not hop:  # off, planting is what it was without the option
+        assert planted[:] == plant_passkeys(blocks, tokenizer, share=1.0, seed=7, episodes=8)[:]
+    unread, read = 0, 0
+    for block in planted:
+        ids, mask = block["input_ids"], block["answer_mask"]
+        for start in (i for i in range(length) if mask[i] and not mask[i - 1]):
+            key_ids = tokenizer(" " + tokenizer.decode(ids[start : start + 6]).split()[0], add_special_tokens=False)
+            key_ids = key_ids["input_ids"]
+            copies = [i for i in range(start - 1) if ids[i : i + len(key_ids)] == key_ids][-2:]
+            assert len(copies) == 2
+            at_parity = [(start - 1 - copy) % 2 == 0 for copy in copies]  # key token j: from start-1+j, at copy+j
+            if at_parity[0] != at_parity[1]:
+                continue
+            if at_parity[0]:
+                read += 1
+            else:
+                unread += 1
+    assert unread + read > 20  # (whether the copies can differ in parity depends on how the key tokenizes)
+    if hop:
+        assert read == 0
+    else:
+        assert 0.25 <= read / (read + unread) <= 0.75
+
+
 def test_answer_weighted_loss_adds_weighted_answer_tokens(tokenizer, haystack):
     """AnswerWeightedTrainer's loss against the model's own loss: with N scored tokens of mean loss M, of
     which n answer tokens of mean loss A, weight W gives (N M + W n A) / (N + W n); and W = 0 gives M."""

@@ -339,7 +339,11 @@ def log_entries(folder: Path) -> list[dict]:
     return json.loads((folder / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
 
 
-@pytest.mark.parametrize("processes, batch", [(2, 2), (4, 4)], ids=["sp2", "sp2-x-dp2"])
+@pytest.mark.parametrize(
+    "processes, batch",
+    # four processes on two cores take ~45 s: the grid of groups runs in the slow target (`pytest -m slow`)
+    [pytest.param(2, 2, id="sp2"), pytest.param(4, 4, id="sp2-x-dp2", marks=pytest.mark.slow)],
+)
 def test_sequence_parallel_training_matches_one_process(corpus, tmp_path, processes, batch):
     # Two processes per sequence (and, with four, two such groups training data parallel) against one
     # process reading the same blocks whole, with the same global batch.
@@ -480,6 +484,12 @@ def bad_inputs(folder: Path) -> dict[str, str]:
         (
             ["--passkey_share", "1", "--passkey_boundary", "128"],
             "--passkey_boundary 128 leaves no boundary inside a block of --block_size 128",
+        ),
+        (["--passkey_hop", "0.5"], "--passkey_hop needs --passkey_share above 0"),
+        (["--passkey_share", "1", "--passkey_hop", "2"], "--passkey_hop must be between 0 and 1, got 2.0"),
+        (
+            ["--passkey_share", "1", "--passkey_hop", "1", "--attention", "dense"],
+            "--passkey_hop needs a LongNet: a llama model reads every copy of the key directly",
         ),
         (["--passkey_share", "1", "--passkey_answer_weight", "-1"], "--passkey_answer_weight must be at least 0"),
         (
