@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from longnet import dilated_attention
+from longnet.machine import describe, native_bf16
 
 CUDA_DEFAULTS = {
     "lengths": [1 << p for p in range(13, 23)],
@@ -142,7 +142,7 @@ def main() -> None:
         help="dilated_attention backends and/or dense (cpu: sdpa dense; cuda: triton sdpa dense)",
     )
     parser.add_argument("--lengths", type=int, nargs="+", help="default 8K..1M on cpu, 32K..4M on cuda")
-    parser.add_argument("--dtypes", nargs="+", help="default float32 and bfloat16 on cpu, bfloat16 on cuda")
+    parser.add_argument("--dtypes", nargs="+", help="cuda: bfloat16; cpu: float32 (+ bfloat16 in hardware)")
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head_dim", type=int, default=64)
     parser.add_argument("--dense_max_length", type=int, help="longest N for dense SDPA (32K cpu, 128K cuda)")
@@ -158,7 +158,7 @@ def main() -> None:
     on_cuda = args.device == "cuda"
     defaults = {
         "lengths": CUDA_DEFAULTS["lengths"] if on_cuda else [1 << p for p in range(13, 21)],
-        "dtypes": CUDA_DEFAULTS["dtypes"] if on_cuda else ["float32", "bfloat16"],
+        "dtypes": CUDA_DEFAULTS["dtypes"] if on_cuda else ["float32"] + ["bfloat16"] * native_bf16("cpu"),
         "dense_max_length": CUDA_DEFAULTS["dense_max_length"] if on_cuda else 32768,
         "repeats": 10 if on_cuda else 3,
         "long_repeats": 3 if on_cuda else 1,
@@ -241,12 +241,8 @@ def main() -> None:
 def write_results(rows: list[dict], args) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.device == "cuda":
-        machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    else:
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     setup = {
-        "machine": machine,
+        "machine": describe(args.device),
         "heads": args.heads,
         "head_dim": args.head_dim,
         "segment_lengths": PAPER_SEGMENTS,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ from benchmark_attention import CudaPeakMemory, PeakMemory  # noqa: E402
 
 from longnet import LongNetCache, LongNetConfig, LongNetForCausalLM  # noqa: E402
 from longnet.configuration_longnet import load_longnet_config  # noqa: E402
+from longnet.machine import describe, native_bf16  # noqa: E402
 
 # The models compared: 2 layers of a 12-head, 768-wide decoder; LongNet with the paper's branches.
 SIZE = dict(
@@ -141,7 +141,7 @@ def main() -> None:
         "--config", help="a LongNet folder or config JSON: its size and branches instead of the default ones"
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtypes", nargs="+", help="default float32 and bfloat16 on cpu, bfloat16 on cuda")
+    parser.add_argument("--dtypes", nargs="+", help="cuda: bfloat16; cpu: float32 (+ bfloat16 in hardware)")
     parser.add_argument("--train_lengths", type=int, nargs="+", help="default 2K..64K on cpu, 4K..1M on cuda")
     parser.add_argument("--generation_contexts", type=int, nargs="+", help="default 1K..128K (cuda: ..1M)")
     parser.add_argument(
@@ -162,7 +162,7 @@ def main() -> None:
     on_cuda = args.device == "cuda"
     contexts = [1000, 4000, 16000, 64000, 128000]
     defaults = {
-        "dtypes": ["bfloat16"] if on_cuda else ["float32", "bfloat16"],
+        "dtypes": ["bfloat16"] if on_cuda else ["float32"] + ["bfloat16"] * native_bf16("cpu"),
         "train_lengths": [1 << p for p in range(12, 21)] if on_cuda else [1 << p for p in range(11, 17)],
         "generation_contexts": contexts + [1000000] if on_cuda else contexts,
         "out": f"docs/benchmarks/model_{args.device}",
@@ -252,12 +252,8 @@ def main() -> None:
                 )
             del model
 
-    if on_cuda:
-        machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    else:
-        machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     setup = {
-        "machine": machine,
+        "machine": describe(args.device),
         "device": args.device,
         "size": size,
         "branches": branches,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import tempfile
@@ -26,6 +25,7 @@ import torch.multiprocessing as mp
 
 from longnet import dilated_attention
 from longnet import sequence_parallel as sp
+from longnet.machine import describe
 
 SEGMENTS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12]
 
@@ -101,7 +101,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     setup = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": describe("cpu"),
         "heads": args.heads,
         "head_dim": args.head_dim,
         "segment_lengths": SEGMENTS,

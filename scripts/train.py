@@ -54,6 +54,7 @@ from longnet.configuration_longnet import load_longnet_config
 from longnet.dilated_attention import check_branches
 from longnet.evaluation import check_context_lengths, evaluation_documents, perplexity_by_context, write_report
 from longnet.hub import TOKENIZER_VOCABULARY_FILES, is_secret_name, redact, redact_command_line, render_model_card
+from longnet.machine import native_bf16
 from longnet.passkey import plant_passkeys, planting_tokens
 from longnet.sequence_parallel import check_split
 from longnet.training import (
@@ -215,7 +216,13 @@ class LongNetTrainingArguments(TrainingArguments):
     logging_steps: float = 5
     save_steps: float = 125
     save_total_limit: int | None = 2
-    bf16: bool = True
+    bf16: bool = field(
+        default_factory=native_bf16,
+        metadata={
+            "help": "bf16 mixed precision; default: on where bf16 products run in hardware (a CUDA GPU that "
+            "supports them, a CPU with AMX or AVX512-BF16), off elsewhere (emulated: far slower than float32)"
+        },
+    )
     use_cpu: bool = not torch.cuda.is_available()  # bf16 on CPU needs it said
     dataloader_drop_last: bool = True
     sequence_parallel_size: int = field(
@@ -239,6 +246,9 @@ def main(argv: list[str] | None = None) -> None:
         model_args, data_args, training_args = build_arguments(parser, given)
     keep_token_out_of_files(training_args)
     check_arguments(model_args, data_args, training_args)
+    if "bf16" not in given and not training_args.fp16:
+        native = "run in hardware" if training_args.bf16 else "would be emulated, far slower than float32"
+        print(f"precision: {precision(training_args)} (bf16 products {native} here; --bf16 true|false chooses)")
     checkpoint = resume_path(training_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
@@ -322,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
             "sequence parallel size": training_args.sequence_parallel_size,
             "training sequences": len(train_blocks),
             "wall-clock seconds": round(time.time() - started),
+            "precision": precision(training_args),
         },
         "model_args": asdict(model_args),
     }
@@ -392,6 +403,10 @@ def run_identity(model_args, data_args, training_args) -> dict:
     if values["document_boundaries"] is None:  # as check_sequence_parallel decides it
         values["document_boundaries"] = training_args.sequence_parallel_size == 1
     return values
+
+
+def precision(training_args) -> str:
+    return "bf16 mixed" if training_args.bf16 else "fp16 mixed" if training_args.fp16 else "float32"
 
 
 def save_arguments(given: dict, output_dir: Path) -> None:

@@ -32,6 +32,17 @@ TINY = dict(
 TINY_BRANCHES = dict(segment_lengths=[4, 8, 12], dilation_rates=[1, 2, 3])
 
 
+@pytest.fixture
+def cpu_bf16_in_hardware() -> bool | None:
+    """Whether this machine's CPU multiplies bf16 in hardware, from the kernel's CPU flags (AMX's bf16 tiles,
+    AVX512-BF16): a reference independent of torch's feature checks, which longnet.machine uses. None where
+    there is no /proc/cpuinfo (not Linux)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return None
+    return bool({"amx_bf16", "avx512_bf16"} & set(cpuinfo.read_text().split()))
+
+
 def tiny_config(**overrides):
     from longnet import LongNetConfig
 

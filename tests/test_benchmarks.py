@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_attention_smoke(tmp_path):
+def test_benchmark_attention_smoke(tmp_path, cpu_bf16_in_hardware):
     out = tmp_path / "attention"
     subprocess.run(
         [
@@ -38,6 +38,9 @@ def test_benchmark_attention_smoke(tmp_path):
     }
     assert out.with_suffix(".png").stat().st_size > 0
     assert "| float32 | 512 |" in out.with_suffix(".md").read_text()
+    # the report says whether this CPU's bf16 timings would be hardware or emulation
+    if cpu_bf16_in_hardware is not None:
+        assert ("bf16 in hardware" in result["setup"]["machine"]) == cpu_bf16_in_hardware
 
 
 def test_dilated_pair_count_matches_brute_force():

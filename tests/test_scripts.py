@@ -658,6 +658,28 @@ def test_data_smaller_than_one_batch_stops_before_anything_is_written(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the default follows the GPU")
+@pytest.mark.parametrize("flag", [[], ["--bf16", "false"]], ids=["default", "given"])
+def test_bf16_is_the_default_only_where_the_cpu_multiplies_it_in_hardware(tmp_path, capsys, flag, cpu_bf16_in_hardware):
+    # Emulated bf16 made the main job 16x slower than float32 on an AVX2 CPU.
+    native = cpu_bf16_in_hardware
+    if native is None:
+        pytest.skip("the reference reads a Linux CPU's flags in /proc/cpuinfo")
+    at = TINY_ARGS.index("--bf16")
+    tiny = TINY_ARGS[:at] + TINY_ARGS[at + 2 :]
+    data = tmp_path / "tiny.py"
+    data.write_text("square = 3 * 3\n")
+    args = ["--train_file", str(data), "--validation_file", str(data), "--output_dir", str(tmp_path / "out"), *tiny]
+    code, output = run_main("train", args + flag, capsys)  # stops at too little data, after choosing the precision
+    assert code == 2 and "the training data makes" in output.strip().splitlines()[-1]
+    lines = [line for line in output.splitlines() if line.startswith("precision: ")]
+    if flag:  # a given --bf16 is obeyed, and nothing is said
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith(f"precision: {'bf16 mixed' if native else 'float32'} (")
+        assert ("run in hardware" in lines[0]) == native
+
+
 def test_no_token_is_written_or_printed(corpus, tmp_path):
     token, environment_token = "hf_FAKEtoken1234567890abcdef", "hf_FAKEenvironment0987654321zyx"
     out, staging = tmp_path / "out", tmp_path / "staging"
