@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -123,6 +125,7 @@ def test_benchmark_model_refuses_a_config_that_is_not_longnet(tmp_path):
     assert not list(tmp_path.glob("model*"))
 
 
+@pytest.mark.slow  # 21-31 s of process start-up on two cores; the kernel it times is tested in the default run
 def test_benchmark_sequence_parallel_smoke(tmp_path):
     out = tmp_path / "sp"
     subprocess.run(
