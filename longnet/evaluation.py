@@ -72,11 +72,15 @@ def perplexity_by_context(
     return results
 
 
-def write_report(results: dict[str, dict[int, float]], out: Path, title: str, notes: str = "") -> None:
-    """``{model name: {length: perplexity}}`` -> ``out.json``, ``out.md`` (table) and ``out.png`` (plot)."""
+def write_report(results: dict[str, dict[int, float]], out: Path, title: str, notes: str = "") -> list[Path]:
+    """``{model name: {length: perplexity}}`` -> ``out.json``, ``out.md`` (table) and ``out.png`` (plot), the
+    files returned. ``out`` is a prefix (``run.v2`` gives ``run.v2.md``); a suffix .json, .md or .png names
+    the files' common stem (``table.md`` gives ``table.md`` and ``table.json``)."""
+    prefix = out.with_suffix("") if out.suffix in (".json", ".md", ".png") else out
+    files = {kind: prefix.with_name(f"{prefix.name}.{kind}") for kind in ("json", "md", "png")}
     out.parent.mkdir(parents=True, exist_ok=True)
     lengths = sorted({length for by_length in results.values() for length in by_length})
-    out.with_suffix(".json").write_text(
+    files["json"].write_text(
         json.dumps({name: {str(k): v for k, v in by_length.items()} for name, by_length in results.items()}, indent=1)
     )
     lines = [f"# {title}", ""]
@@ -86,7 +90,7 @@ def write_report(results: dict[str, dict[int, float]], out: Path, title: str, no
     for length in lengths:
         cells = [f"{results[name][length]:.2f}" if length in results[name] else "" for name in results]
         lines.append(f"| {length} | " + " | ".join(cells) + " |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    files["md"].write_text("\n".join(lines) + "\n")
 
     import matplotlib
 
@@ -105,5 +109,6 @@ def write_report(results: dict[str, dict[int, float]], out: Path, title: str, no
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
+    fig.savefig(files["png"], dpi=110)
     plt.close(fig)
+    return list(files.values())

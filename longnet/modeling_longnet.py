@@ -387,9 +387,10 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         # Where generate() made its default DynamicCache, the bounded LongNetCache does the same job in less
-        # memory. A cache the user passes is used as it is.
+        # memory. A cache the user passes, or names with cache_implementation, is used as it is.
         cache = model_kwargs.get("cache")
-        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+        asked_for = generation_config.cache_implementation is not None or getattr(cache, "_is_user_defined", False)
+        if type(cache) is DynamicCache and not asked_for:
             model_kwargs["cache"] = LongNetCache()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")

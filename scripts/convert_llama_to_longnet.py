@@ -166,6 +166,8 @@ def convert(args: argparse.Namespace) -> None:
     source, destination = Path(args.source), Path(args.destination)
     if not (source / "config.json").exists():
         fail(f"{source} has no config.json: it is not a transformers checkpoint folder")
+    if destination.exists() and not destination.is_dir():
+        fail(f"{destination} exists and is not a folder")
     if destination.exists() and any(destination.iterdir()):
         fail(f"{destination} exists and is not empty")
     try:
@@ -247,7 +249,7 @@ def write_weights(shards: list[Path], folder: Path, model_type: str, tie_word_em
     return {"tensors": len(weight_map), "parameters": parameters}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="a transformers checkpoint folder (config.json + safetensors)")
     parser.add_argument("destination", help="the LongNet folder to write (must not exist or be empty)")
@@ -258,7 +260,7 @@ def main() -> None:
         action="store_true",
         help="also read pytorch_model*.bin (pickle; only for checkpoints you trust)",
     )
-    convert(parser.parse_args())
+    convert(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

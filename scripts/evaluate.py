@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     names = args.names or [Path(m).name for m in args.models]
     if len(names) != len(args.models):
         fail(f"--names gives {len(names)} names for {len(args.models)} models")
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        fail(f"two models are named {repeated[0]!r} (results are kept by name): give each its own with --names")
     for folder in args.models:
         if not (Path(folder) / "config.json").exists():
             fail(f"{folder!r} is not a model folder (no config.json)")
@@ -159,15 +161,14 @@ def main(argv: list[str] | None = None) -> None:
             + ", ".join(f"{k}: {v:.2f}" for k, v in results[name].items())
             + (f"  (trained at {block} tokens)" if block else "")
         )
-    out = args.out or "perplexity_by_context"
-    write_report(
+    files = write_report(
         results,
-        Path(out),
+        Path(args.out or "perplexity_by_context"),
         title="Validation perplexity by context length",
         notes=f"{len(documents)} held-out documents of {lengths[-1]} tokens each, read in independent windows "
         f"of each length ({args.dtype}). {skipped}".strip(),
     )
-    print(f"wrote {out}.md, {out}.json, {out}.png")
+    print("wrote " + ", ".join(map(str, files)))
 
 
 def load_model(folder: str, args):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -34,20 +33,16 @@ from longnet.hub import (
     render_model_card,
     write_folder,
 )
+from longnet.training import fail
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "model_cards" / "longnet.md"
 REQUIRED = ["config.json", *remote_code_files()]
 # Training leftovers that do not belong in a model repository.
-SKIPPED = {"training_args.bin", "tokenizer"}
+SKIPPED = {"training_args.bin"}
 REQUIRED_METADATA = {"library_name": "transformers", "pipeline_tag": "text-generation"}
 # Written into every staging folder, never uploaded: a folder that holds it was staged here and may be replaced.
 STAGING_MARKER = ".staged-by-push_to_hub"
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def check_folder(folder: Path) -> None:
@@ -122,16 +117,24 @@ def check_card(path: Path) -> None:
             fail(f"model card has no {section!r}")
 
 
-def upload(staging: Path, repo_id: str, private: bool, revision: str | None, message: str) -> str:
+def upload(staging: Path, repo_id: str, private: bool, revision: str | None, message: str) -> tuple[str, bool]:
+    """Uploads the staged files in one commit; returns its URL and whether the repository is private (an
+    existing repository keeps its visibility: --private into a public one is refused, nothing uploaded)."""
     api = HfApi()  # the token: HF_TOKEN or the stored login, never passed around here
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    is_private = bool(api.repo_info(repo_id, repo_type="model").private)
+    if private and not is_private:
+        fail(
+            f"--private: {repo_id} already exists and is public, and an upload does not change that; make it "
+            "private in its settings on the Hub first, or leave out --private to upload publicly"
+        )
     if revision and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in staged_files(staging)]
     commit = api.create_commit(
         repo_id, operations=operations, commit_message=message, revision=revision, repo_type="model"
     )
-    return getattr(commit, "commit_url", str(commit))
+    return getattr(commit, "commit_url", str(commit)), is_private
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,8 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.dry_run:
             print(json.dumps({"dry_run": True, "repo_id": args.repo_id, "files": files}))
             return
-        url = upload(staging, args.repo_id, args.private, args.revision, args.commit_message)
-        print(f"uploaded to {args.repo_id} ({'private' if args.private else 'public'}): {url}")
+        url, is_private = upload(staging, args.repo_id, args.private, args.revision, args.commit_message)
+        print(f"uploaded to {args.repo_id} ({'private' if is_private else 'public'}): {url}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ context length on held-out files and a code completion from the reloaded folder.
     python scripts/train.py
     python scripts/train.py --train_file my_corpus/ --block_size 8192 --output_dir out --max_steps 1000
     python scripts/train.py --attention dense --output_dir outputs/llama-stdlib     # the baseline
-    accelerate launch --num_processes 2 scripts/train.py ...                         # data parallel
+    accelerate launch --multi_gpu --num_processes 2 scripts/train.py ...             # data parallel
     torchrun --nproc-per-node 4 scripts/train.py --sequence_parallel_size 2 ...      # 2 x 2: sequence x data
 
 Every TrainingArguments flag works (--bf16, --gradient_accumulation_steps, --gradient_checkpointing,
@@ -217,10 +217,11 @@ class LongNetTrainingArguments(TrainingArguments):
     save_steps: float = 125
     save_total_limit: int | None = 2
     bf16: bool = field(
-        default_factory=native_bf16,
+        default=False,
         metadata={
-            "help": "bf16 mixed precision; default: on where bf16 products run in hardware (a CUDA GPU that "
-            "supports them, a CPU with AMX or AVX512-BF16), off elsewhere (emulated: far slower than float32)"
+            "help": "bf16 mixed precision; without --bf16 and --fp16: on where the device trained on runs bf16 "
+            "products in hardware (a CUDA GPU that supports them, a CPU with AMX or AVX512-BF16), off elsewhere "
+            "(emulated: far slower than float32)"
         },
     )
     use_cpu: bool = not torch.cuda.is_available()  # bf16 on CPU needs it said
@@ -338,7 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     (output_dir / "training_info.json").write_text(redact(json.dumps(info, indent=1)))
     evaluate_by_context(trainer.model, tokenizer, validation_docs, data_args, output_dir)
-    (output_dir / "README.md").write_text(render_model_card(ROOT / "model_cards" / "longnet.md", output_dir))
+    if model.config.model_type == "longnet":  # the card describes LongNet; a dense baseline gets none
+        (output_dir / "README.md").write_text(render_model_card(ROOT / "model_cards" / "longnet.md", output_dir))
     show_completion(output_dir, model_args.trust_remote_code)
     print(f"\nSaved to {output_dir.resolve()}:")
     for path in sorted(output_dir.iterdir()):
@@ -361,9 +363,18 @@ def given_arguments(parser: HfArgumentParser, argv: list[str]) -> dict:
 def build_arguments(parser: HfArgumentParser, given: dict) -> tuple:
     """The three argument dataclasses; a value they reject is an error line, not a traceback."""
     try:
-        return parser.parse_dict(given)
+        return parser.parse_dict(with_default_precision(given))
     except (TypeError, ValueError) as error:
         fail(str(error))
+
+
+def with_default_precision(given: dict) -> dict:
+    """``given`` with bf16 decided for the device trained on (the CPU with --use_cpu) when neither --bf16
+    nor --fp16 was given: on where bf16 products run in hardware, off where they would be emulated."""
+    if "bf16" in given or given.get("fp16"):
+        return given
+    on_cpu = given.get("use_cpu", LongNetTrainingArguments.use_cpu)
+    return {**given, "bf16": native_bf16("cpu" if on_cpu else None)}
 
 
 def with_first_run_arguments(parser: HfArgumentParser, given: dict, training_args) -> dict:
@@ -455,6 +466,8 @@ def check_arguments(model_args, data_args, training_args) -> None:
     if data_args.passkey_answer_weight and training_args.sequence_parallel_size > 1:
         fail("--passkey_answer_weight does not work with --sequence_parallel_size above 1 (each rank sees a chunk)")
     for name in ("train_file", "validation_file"):
+        if data_args.dataset_name and getattr(data_args, name):
+            fail(f"--dataset_name and --{name} are two sources of data: give one")
         for path in getattr(data_args, name) or []:
             if not Path(path).exists():
                 fail(f"--{name} {path!r} does not exist")
@@ -477,6 +490,8 @@ def check_arguments(model_args, data_args, training_args) -> None:
         check_context_lengths(data_args.eval_context_lengths, "--eval_context_lengths")
     except ValueError as error:
         fail(str(error))
+    if data_args.eval_max_documents < 1:
+        fail(f"--eval_max_documents must be at least 1, got {data_args.eval_max_documents}")
     if not (model_args.model_name_or_path or model_args.config_name):
         try:  # the model's shape, before any tokenizer is trained (the vocabulary size comes later)
             config_from_flags(model_args, model_args.vocab_size)

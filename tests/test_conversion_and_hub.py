@@ -1,10 +1,13 @@
 """Llama-family -> LongNet conversion, attn_implementation="longnet_dilated" on stock models, Hub upload."""
 
+import contextlib
+import io
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,6 +30,7 @@ from longnet import LongNetForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERT = str(ROOT / "scripts" / "convert_llama_to_longnet.py")
+sys.path.insert(0, str(ROOT / "scripts"))  # the scripts' main(argv), called in this process
 SOURCES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 4096}),
@@ -46,10 +50,24 @@ def source_model(kind, folder=None, tokenizer=None, **save_kwargs):
     return model
 
 
-def convert(source, destination, *branches, check=True):
-    result = subprocess.run(
-        [sys.executable, CONVERT, str(source), str(destination), *branches], capture_output=True, text=True
-    )
+def convert(source, destination, *branches, check=True, in_process=True):
+    """The conversion script run on ``source``: its exit code and output. In this process (its main(argv);
+    any exception but SystemExit fails the test, as a traceback would) unless ``in_process`` is False: each
+    new process pays the script's imports (5-10 s here)."""
+    import convert_llama_to_longnet
+
+    argv = [str(source), str(destination), *branches]
+    if in_process:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                convert_llama_to_longnet.main(argv)
+                code = 0
+            except SystemExit as stop:
+                code = stop.code
+        result = subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
+    else:
+        result = subprocess.run([sys.executable, CONVERT, *argv], capture_output=True, text=True)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -170,12 +188,21 @@ def test_sharded_source_gives_sharded_destination(tmp_path, tokenizer):
 
 def test_conversion_errors_say_what_is_supported(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
-    result = convert(tmp_path / "gpt2", tmp_path / "out", check=False)
-    assert result.returncode == 2
+    result = convert(tmp_path / "gpt2", tmp_path / "out", check=False, in_process=False)  # as a user runs it
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM" in result.stderr
 
     result = convert(tmp_path / "nothing", tmp_path / "out", check=False)
     assert result.returncode == 2 and "has no config.json" in result.stderr
+
+    source_model("llama", tmp_path / "src")
+    (tmp_path / "notes.txt").write_text("mine")
+    result = convert(tmp_path / "src", tmp_path / "notes.txt", check=False)
+    assert (
+        result.returncode == 2
+        and result.stderr.strip() == f"error: {tmp_path / 'notes.txt'} exists and is not a folder"
+    )
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
     model = source_model("llama")
     (tmp_path / "bin").mkdir()
@@ -325,14 +352,20 @@ def model_folder(tmp_path, tokenizer):
     return folder
 
 
-sys.path.insert(0, str(ROOT / "scripts"))
-
-
-def push(argv, monkeypatch):
+def push(argv, monkeypatch, existing=None, calls=None):
+    """push_to_hub.main(argv) against a fake Hub whose ``existing`` repositories (id: private?) are there
+    already; returns the calls it got (into ``calls`` as they come, when given)."""
     import push_to_hub
 
-    calls = {}
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("repo", (repo_id, kw)))
+    calls = {} if calls is None else calls
+    repositories = dict(existing or {})
+
+    def create_repo(self, repo_id, **kw):
+        calls.setdefault("repo", (repo_id, kw))
+        repositories.setdefault(repo_id, kw.get("private", False))
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "repo_info", lambda self, repo_id, **kw: SimpleNamespace(private=repositories[repo_id]))
     monkeypatch.setattr(HfApi, "create_branch", lambda self, repo_id, **kw: calls.setdefault("branch", kw))
 
     def create_commit(self, repo_id, operations, commit_message, revision=None, **kw):
@@ -393,6 +426,24 @@ def test_push_to_hub_uploads_a_complete_folder_without_the_token(model_folder, m
     captured = capsys.readouterr()
     assert token not in captured.out + captured.err
     assert all(token.encode() not in content for content in files.values())
+
+
+@pytest.mark.parametrize("private", [True, False], ids=["private", "public"])
+def test_push_says_the_visibility_the_repository_has(private, model_folder, monkeypatch, capsys):
+    # An upload never changes an existing repository's visibility: --private into a public one is refused
+    # before anything is uploaded, and what is printed is what the repository is.
+    flags = ["--private"] if private else []
+    existing, calls = {"someone/tiny-longnet": not private}, {}
+    if private:
+        with pytest.raises(SystemExit) as stopped:
+            push([str(model_folder), "someone/tiny-longnet", *flags], monkeypatch, existing, calls)
+        assert stopped.value.code == 2 and "commit" not in calls
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("error: --private: someone/tiny-longnet already exists and is public")
+    else:
+        push([str(model_folder), "someone/tiny-longnet", *flags], monkeypatch, existing, calls)
+        assert "commit" in calls
+        assert "uploaded to someone/tiny-longnet (private): " in capsys.readouterr().out
 
 
 def remove_tokenizer(folder: Path) -> None:

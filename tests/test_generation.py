@@ -205,6 +205,17 @@ def test_static_cache_equals_full_forward():
     assert torch.equal(static, greedy(model, prompt))
 
 
+@pytest.mark.parametrize("implementation", [None, "dynamic"])
+def test_generate_uses_the_cache_asked_for(implementation):
+    # Asked for none, generate() gets the bounded LongNetCache in place of its DynamicCache; a cache
+    # implementation the user names is kept ("offloaded", a DynamicCache too, needs a GPU).
+    model = make_model()
+    prompt = random_ids(1, 7)
+    out = greedy(model, prompt, cache_implementation=implementation, return_dict_in_generate=True)
+    assert type(out.cache) is (LongNetCache if implementation is None else DynamicCache)
+    assert torch.equal(out.sequences, greedy(model, prompt, cache=DynamicCache()))
+
+
 def test_past_key_values_is_the_deprecated_name_of_cache():
     model = make_model()
     ids = random_ids(1, 20)

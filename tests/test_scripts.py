@@ -11,6 +11,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -63,6 +64,8 @@ TINY_ARGS = [
     "1",
     "--validation_split_percentage",
     "25",
+    "--per_device_eval_batch_size",
+    "16",
     "--seed",
     "7",
 ]
@@ -131,13 +134,14 @@ def test_training_lowers_the_loss_and_saves_a_loadable_folder(trained, attention
         "model.safetensors",
         "config.json",
         "tokenizer.json",
-        "README.md",
         "all_results.json",
         "perplexity_by_context.md",
         "perplexity_by_context.png",
         "training_info.json",
     ):
         assert (folder / name).exists(), name
+    # The model card describes LongNet: the dense baseline (a stock Llama) gets none.
+    assert (folder / "README.md").exists() == (attention == "dilated")
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert type(model).__name__ == ("LongNetForCausalLM" if attention == "dilated" else "LlamaForCausalLM")
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -263,16 +267,31 @@ def final_weights(folder: Path) -> dict:
     return load_file(folder / "model.safetensors")
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(corpus, tmp_path):
-    args = ["--train_file", str(corpus), "--max_steps", "30", "--save_steps", "3", *TINY_ARGS]
-    # One thread: a CPU run's sums split across threads by how many the OpenMP/MKL runtimes hand out under
-    # the machine's load, and the polling below loads it, so two runs agree bitwise only on one thread.
-    one_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    whole = tmp_path / "whole"
-    run([sys.executable, TRAIN, "--output_dir", str(whole), *args], env=one_thread)
+RESUME_ARGS = ["--max_steps", "30", "--save_steps", "3", *TINY_ARGS]
+# One thread: a CPU run's sums split across threads by how many the OpenMP/MKL runtimes hand out under
+# the machine's load (the polling below loads it), so two runs agree bitwise only on one thread.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory) -> Path:
+    """The resume tests' reference: a run of RESUME_ARGS on one thread, never stopped."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "whole"
+    run([sys.executable, TRAIN, "--train_file", str(corpus), "--output_dir", str(out), *RESUME_ARGS], env=ONE_THREAD)
+    return out
+
+
+def assert_same_weights(got: Path, expected: Path) -> None:
+    expected, got = final_weights(expected), final_weights(got)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(corpus, uninterrupted, tmp_path, capsys):
+    args = ["--train_file", str(corpus), *RESUME_ARGS]
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **one_thread}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **ONE_THREAD}
     process = subprocess.Popen(
         [sys.executable, TRAIN, "--output_dir", str(killed), *args],
         env=env,
@@ -288,13 +307,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(corpus, tmp_path):
     assert not (killed / "checkpoint-30").exists()
 
     # The folder is not empty: without --resume_from_checkpoint the script refuses to write into it.
-    refused = run([sys.executable, TRAIN, "--output_dir", str(killed), *args], check=False, env=one_thread)
-    assert refused.returncode != 0 and "--overwrite_output_dir" in refused.stderr
-    run([sys.executable, TRAIN, "--output_dir", str(killed), "--resume_from_checkpoint", "last", *args], env=one_thread)
-    expected, got = final_weights(whole), final_weights(killed)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
+    code, output = run_main("train", ["--output_dir", str(killed), *args], capsys)
+    assert code == 2 and "--overwrite_output_dir" in output
+    run([sys.executable, TRAIN, "--output_dir", str(killed), "--resume_from_checkpoint", "last", *args], env=ONE_THREAD)
+    assert_same_weights(killed, uninterrupted)
 
 
 def test_two_process_data_parallel_run_trains_and_saves_once(corpus, tmp_path):
@@ -493,6 +509,8 @@ def bad_inputs(folder: Path) -> dict[str, str]:
             "--passkey_hop needs a LongNet: a llama model reads every copy of the key directly",
         ),
         (["--passkey_share", "1", "--passkey_answer_weight", "-1"], "--passkey_answer_weight must be at least 0"),
+        (["--eval_max_documents", "0"], "--eval_max_documents must be at least 1, got 0"),
+        (["--dataset_name", "wikitext"], "--dataset_name and --train_file are two sources of data: give one"),
         (
             ["--passkey_share", "1", "--passkey_answer_weight", "5", "--sequence_parallel_size", "2"],
             "--passkey_answer_weight does not work with --sequence_parallel_size above 1",
@@ -593,15 +611,28 @@ def test_evaluate_bad_inputs(tiny_model, tmp_path, capsys, extra, message, code)
         assert message in out.with_suffix(".md").read_text() and "| 64 |" in out.with_suffix(".md").read_text()
 
 
-def test_existing_output_dir_is_never_overwritten(corpus, tmp_path):
+def test_evaluate_writes_the_report_files_it_names(tiny_model, tmp_path, capsys):
+    # --out is a prefix: a dot in it is part of the name, not a suffix to replace. Results are kept by model
+    # name, so two models of one name would overwrite each other: refused.
+    out = tmp_path / "report" / "run.v2"
+    flags = ["--validation_file", bad_inputs(tmp_path)["two"], "--context_lengths", "32", "64", "--out", str(out)]
+    code, output = run_main("evaluate", [str(tiny_model), str(tiny_model), *flags], capsys)
+    assert code == 2 and output.strip().splitlines()[-1].startswith(
+        f"error: two models are named {tiny_model.name!r} (results are kept by name)"
+    )
+    code, output = run_main("evaluate", [str(tiny_model), *flags], capsys)
+    assert code == 0, output[-2000:]
+    written = [tmp_path / "report" / f"run.v2.{kind}" for kind in ("json", "md", "png")]
+    assert sorted((tmp_path / "report").iterdir()) == sorted(written)
+    assert f"wrote {', '.join(map(str, written))}" in output
+
+
+def test_existing_output_dir_is_never_overwritten(corpus, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("user data")
-    result = run(
-        [sys.executable, TRAIN, "--train_file", str(corpus), "--output_dir", str(out), *TINY_ARGS],
-        check=False,
-    )
-    assert result.returncode == 2 and "exists and is not empty" in result.stderr
+    code, output = run_main("train", ["--train_file", str(corpus), "--output_dir", str(out), *TINY_ARGS], capsys)
+    assert code == 2 and "exists and is not empty" in output.strip().splitlines()[-1]
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
 
 
@@ -616,43 +647,69 @@ def test_resume_skips_a_checkpoint_left_half_written(tmp_path):
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
 
 
-def test_resume_reuses_the_first_runs_arguments(corpus, tmp_path):
+def test_resume_reuses_the_first_runs_arguments(corpus, uninterrupted, tmp_path, capsys):
+    # What a crash after checkpoint 27 of the 30 steps leaves: that checkpoint and the saved arguments.
     out = tmp_path / "out"
-    first = ["--train_file", str(corpus), "--output_dir", str(out), "--max_steps", "6", "--save_steps", "3"]
-    run([sys.executable, TRAIN, *first, *TINY_ARGS])
-    expected = final_weights(out)
-    # What a crash after the first checkpoint leaves: that checkpoint and the saved arguments.
+    shutil.copytree(uninterrupted, out)
     for path in out.iterdir():
-        if path.is_dir() and path.name != "checkpoint-3":
+        if path.is_dir() and path.name != "checkpoint-27":
             shutil.rmtree(path)
         elif path.is_file() and path.name != "train_arguments.json":
             path.unlink()
 
-    changed = [sys.executable, TRAIN, "--output_dir", str(out), "--resume_from_checkpoint", "last"]
-    refused = run([*changed, "--block_size", "64", "--train_file", str(corpus / "json_decoder.py")], check=False)
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert refused.stderr.startswith("error: --resume_from_checkpoint: --train_file [")
-    assert "--block_size 64 (first run: 128)" in refused.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "train_arguments.json"]
+    changed = ["--output_dir", str(out), "--resume_from_checkpoint", "last"]
+    code, output = run_main(
+        "train", [*changed, "--block_size", "64", "--train_file", str(corpus / "json_decoder.py")], capsys
+    )
+    assert code == 2 and "Traceback" not in output
+    assert output.startswith("error: --resume_from_checkpoint: --train_file [")
+    assert "--block_size 64 (first run: 128)" in output
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-27", "train_arguments.json"]
 
     # The README's command, as written: every other flag comes from the first run.
-    resumed = run([sys.executable, TRAIN, "--output_dir", str(out), "--resume_from_checkpoint", "last"])
+    resumed = run([sys.executable, TRAIN, "--output_dir", str(out), "--resume_from_checkpoint", "last"], env=ONE_THREAD)
     assert "resuming with the first run's" in resumed.stdout and "--train_file" in resumed.stdout
-    got = final_weights(out)
-    assert got.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
+    assert_same_weights(out, uninterrupted)
 
 
-def test_data_smaller_than_one_batch_stops_before_anything_is_written(tmp_path):
+def test_packing_keeps_every_whole_block_of_a_corpus_of_short_rows():
+    # 1,500 rows of about 15 tokens: no 256 rows fill a 4,096-token block, the corpus fills several.
+    from longnet.training import pack_documents, train_tokenizer
+
+    rows = [f"value_{i} = {i} * {i % 7} + {i % 3}" for i in range(1500)]
+    tokenizer = train_tokenizer(iter(rows), 300)
+    stream, starts = [], []
+    for row in rows:
+        ids = tokenizer(row, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        stream += ids
+        starts += [True] + [False] * (len(ids) - 1)
+    size = 4096
+    blocks = pack_documents(datasets.Dataset.from_dict({"text": rows}), tokenizer, size)
+    assert len(blocks) == len(stream) // size >= 3
+    for number, block in enumerate(blocks):
+        at = number * size
+        assert block["input_ids"] == stream[at : at + size]
+        first = [True] + starts[at + 1 : at + size]  # a block starts a sequence too
+        assert block["labels"] == [
+            -100 if start else token for start, token in zip(first, block["input_ids"], strict=True)
+        ]
+        assert [position == 0 for position in block["position_ids"]] == first
+        assert all(
+            b == a + 1
+            for a, b, start in zip(block["position_ids"][:-1], block["position_ids"][1:], first[1:], strict=True)
+            if not start
+        )
+
+
+def test_data_smaller_than_one_batch_stops_before_anything_is_written(tmp_path, capsys):
     data = tmp_path / "tiny.py"
     data.write_text("".join(f"square_{i} = {i} * {i} + {7 * i % 5}\n" for i in range(20)))  # 128 to 255 tokens
     out = tmp_path / "out"
     args = ["--train_file", str(data), "--validation_file", str(data), "--output_dir", str(out), *TINY_ARGS]
-    result = run([sys.executable, TRAIN, *args], check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert error == [result.stderr.strip().splitlines()[-1]]
+    code, output = run_main("train", args, capsys)
+    assert code == 2
+    error = [line for line in output.splitlines() if line.startswith("error:")]
+    assert error == [output.strip().splitlines()[-1]]
     assert error[0].startswith("error: the training data makes 1 block of 128 tokens")
     for hint in ("--per_device_train_batch_size 2", "--dataloader_drop_last false", "lower --block_size"):
         assert hint in error[0]
@@ -660,7 +717,7 @@ def test_data_smaller_than_one_batch_stops_before_anything_is_written(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the default follows the GPU")
-@pytest.mark.parametrize("flag", [[], ["--bf16", "false"]], ids=["default", "given"])
+@pytest.mark.parametrize("flag", [[], ["--bf16", "false"], ["--fp16", "true"]], ids=["default", "given", "fp16"])
 def test_bf16_is_the_default_only_where_the_cpu_multiplies_it_in_hardware(tmp_path, capsys, flag, cpu_bf16_in_hardware):
     # Emulated bf16 made the main job 16x slower than float32 on an AVX2 CPU.
     native = cpu_bf16_in_hardware
@@ -674,11 +731,27 @@ def test_bf16_is_the_default_only_where_the_cpu_multiplies_it_in_hardware(tmp_pa
     code, output = run_main("train", args + flag, capsys)  # stops at too little data, after choosing the precision
     assert code == 2 and "the training data makes" in output.strip().splitlines()[-1]
     lines = [line for line in output.splitlines() if line.startswith("precision: ")]
-    if flag:  # a given --bf16 is obeyed, and nothing is said
+    if flag:  # a given --bf16 or --fp16 is obeyed (with --fp16, bf16 stays off), and nothing is said
         assert lines == []
     else:
         assert len(lines) == 1 and lines[0].startswith(f"precision: {'bf16 mixed' if native else 'float32'} (")
         assert ("run in hardware" in lines[0]) == native
+
+
+def test_the_precision_default_follows_the_device_trained_on(cpu_bf16_in_hardware, monkeypatch):
+    # --fp16 keeps bf16 off (transformers refuses both at once); --use_cpu asks the CPU, even beside a GPU
+    # (one that answers the other way is faked here through torch's public CUDA queries).
+    if cpu_bf16_in_hardware is None:
+        pytest.skip("the reference reads a Linux CPU's flags in /proc/cpuinfo")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train import with_default_precision
+
+    assert with_default_precision({"fp16": True}) == {"fp16": True}
+    assert with_default_precision({"bf16": True, "use_cpu": True}) == {"bf16": True, "use_cpu": True}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: not cpu_bf16_in_hardware)
+    assert with_default_precision({"use_cpu": True}) == {"use_cpu": True, "bf16": cpu_bf16_in_hardware}
+    assert with_default_precision({"use_cpu": False}) == {"use_cpu": False, "bf16": not cpu_bf16_in_hardware}
 
 
 def test_no_token_is_written_or_printed(corpus, tmp_path):
