@@ -13,8 +13,8 @@ The name is registered in both the attention and the attention-mask interfaces. 
 the attention function the 2D padding mask (never a 4D one: memory stays linear), and the attention
 function applies causality and dilation itself, dropping padding and splitting packed documents.
 ``LongNetModel`` finds the documents once per forward and passes them as ``documents``. Sliding windows
-(Mistral, Qwen2) are not applied; a model that trains with attention dropout is refused (the kernel has
-none), never run without it.
+(Mistral, Qwen2) are not applied, and a cache that keeps only a window of keys (or a static one) is
+refused; a model that trains with attention dropout is refused (the kernel has none), never run without it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,22 @@ def longnet_padding_mask(
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor | None:
-    """The ``(B, kv_length)`` padding mask, or None when nothing is padded."""
+    """The ``(B, kv_length)`` padding mask, or None when nothing is padded.
+
+    For a stock model the attention function reads the keys as positions 0 … kv_length - 1 of the
+    sequence, so its cache must hold every key and nothing more: a sliding-window cache that dropped keys,
+    or a static one whose slots are not all written yet, is refused here (they gave wrong outputs, zeros
+    for a static cache). ``LongNetModel`` tells its attention the written length itself."""
+    written = q_offset + q_length  # a static cache's q_offset is a tensor
+    stock = getattr(kwargs.get("config"), "model_type", None) != "longnet"
+    if stock and (kv_offset or kv_length != written):
+        kind = "its sliding window dropped the first keys" if kv_offset else "a static cache, not all written yet"
+        raise ValueError(
+            f"attn_implementation='longnet_dilated' needs a cache that holds every key in order (the default "
+            f"DynamicCache without a sliding window); this one holds {kv_length} keys for {int(written)} positions "
+            f"({kind}). For a sliding-window model (Mistral, Qwen2) set model.config.sliding_window = None "
+            "(dilated attention applies no window); leave out cache_implementation='static'"
+        )
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     if padding is None or bool(padding.all()):
         return None

@@ -98,12 +98,21 @@ class LongNetCache(DynamicCache):
 
     def __init__(self):
         Cache.__init__(self, layer_class_to_replicate=LongNetCacheLayer)
+        self.recording = False
 
     @property
     def dropped(self) -> int:
         return self.layers[0].dropped if self.layers else 0
 
+    def activate_past_recording(self) -> None:
+        """From now on no key is dropped: generate() rolls an assistant's cache back (``crop``) over tokens it
+        drafted, which may lie before a period start that a later draft step reached."""
+        self.recording = True
+        super().activate_past_recording()
+
     def drop_front(self, count: int) -> None:
+        if self.recording:
+            return
         for layer in self.layers:
             layer.drop_front(count)
 

@@ -392,6 +392,8 @@ class LongNetForCausalLM(LongNetPreTrainedModel, GenerationMixin):
         asked_for = generation_config.cache_implementation is not None or getattr(cache, "_is_user_defined", False)
         if type(cache) is DynamicCache and not asked_for:
             model_kwargs["cache"] = LongNetCache()
+            if generation_config.is_assistant:  # as generate() does for the cache it made
+                model_kwargs["cache"].activate_past_recording()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple

@@ -322,6 +322,28 @@ def test_stock_model_left_padding_equals_each_prompt_alone():
         )
 
 
+@pytest.mark.parametrize("cache", ["static", "sliding window"])
+def test_stock_model_refuses_a_cache_that_does_not_hold_every_key(cache):
+    # Both gave wrong logits silently: a static cache's unwritten slots made every attention output 0, and
+    # a sliding window's dropped keys moved every segment and dilation offset.
+    prompt = ids(1, 6)
+    if cache == "static":
+        model, kwargs = stock_llama(), {"cache_implementation": "static"}
+    else:
+        torch.manual_seed(0)
+        config = MistralConfig(**TINY, **BRANCHES, sliding_window=8)
+        model, kwargs = MistralForCausalLM._from_config(config, attn_implementation="longnet_dilated").eval(), {}
+    with pytest.raises(ValueError, match=f"needs a cache that holds every key in order .*{cache}"):
+        model.generate(prompt, max_new_tokens=12, do_sample=False, **kwargs)
+    if cache == "sliding window":  # without the window: cached decoding equals the full forward
+        model.config.sliding_window = None
+        out = model.generate(
+            prompt, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        full = model(out.sequences).logits[0, 5:-1]
+        torch.testing.assert_close(torch.stack(out.logits, 1)[0], full, atol=1e-4, rtol=0)
+
+
 def test_stock_model_without_branches_is_a_clear_error():
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(LlamaConfig(**TINY), attn_implementation="longnet_dilated").eval()

@@ -182,6 +182,24 @@ def test_assisted_decoding_with_a_longnet_draft_equals_greedy():
     assert isinstance(assisted.cache, LongNetCache) and assisted.cache.get_seq_length() == expected.shape[1] - 1
 
 
+@torch.no_grad()
+def test_an_assistant_cache_rolls_back_across_a_period_start():
+    # What generate() does with an assistant's cache: mark it for rollback, draft one token at a time, crop
+    # the rejected drafts. Here the drafts cross the period start at 8 (lcm of w = 4, 8): a cache that dropped
+    # the keys before it could not remove the rejected ones.
+    model = make_model(segment_lengths=[4, 8], dilation_rates=[1, 2])
+    ids = random_ids(1, 12)
+    cache = LongNetCache()
+    cache.activate_past_recording()
+    model(ids[:, :6], cache=cache, use_cache=True)
+    for t in range(6, 11):
+        model(ids[:, t : t + 1], cache=cache, use_cache=True)
+    cache.crop(-4)  # drafts 7 to 10 rejected
+    assert cache.get_seq_length() == 7
+    logits = model(ids[:, 7:], cache=cache, use_cache=True).logits
+    torch.testing.assert_close(logits, model(ids).logits[:, 7:], atol=1e-4, rtol=0)
+
+
 def test_prompt_lookup_decoding_equals_greedy():
     model = make_model()
     phrase = random_ids(1, 6)
