@@ -1,5 +1,6 @@
 """LongNet configuration: Llama's fields plus the dilated attention branches."""
 
+import math
 from pathlib import Path
 
 from huggingface_hub.dataclasses import as_validated_field, strict
@@ -106,6 +107,12 @@ class LongNetConfig(PreTrainedConfig):
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         check_branches(self.segment_lengths, self.dilation_rates)
+        period = math.lcm(*self.segment_lengths)
+        if period >= 2**62:
+            raise ValueError(
+                f"segment_lengths {self.segment_lengths}: their least common multiple ({period}) is the period of "
+                "LongNet's cache and must be below 2**62; choose lengths that divide one another (as the paper's)"
+            )
 
     def validate_token_ids(self) -> None:
         """Special token ids must be in the vocabulary (transformers only warns; LongNet refuses, and the

@@ -493,7 +493,10 @@ class LongNetForSequenceClassification(LongNetPreTrainedModel):
         elif batch == 1:
             real = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
         else:
-            raise ValueError("a batch of several sequences needs an attention_mask or config.pad_token_id")
+            raise ValueError(
+                "a batch of several sequences needs an attention_mask to find each one's last token (or input_ids "
+                "with config.pad_token_id set; inputs_embeds show no padding)"
+            )
         positions = torch.arange(logits.shape[1], device=logits.device)
         last = (positions * real.long()).argmax(-1)
         pooled_logits = logits[torch.arange(batch, device=logits.device), last]

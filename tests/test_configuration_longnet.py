@@ -58,6 +58,10 @@ def test_tuples_are_accepted_and_saved_as_lists(tmp_path):
         (dict(segment_lengths=[8, 0, 4]), "segment_lengths"),
         (dict(dilation_rates=[1, 2]), "dilation_rates"),
         (dict(dilation_rates=[1, -2, 3]), "dilation_rates"),
+        (
+            dict(segment_lengths=[999983, 999979, 999961, 999959], dilation_rates=[1] * 4),
+            "segment_lengths .* least common",
+        ),
         (dict(pad_token_id=300), "pad_token_id"),
         (dict(bos_token_id=-1), "bos_token_id"),
         (dict(eos_token_id=[2, 999]), "eos_token_id"),

@@ -273,3 +273,7 @@ def test_sequence_classification_uses_the_last_real_token():
     assert out.logits.shape == (1, 3)
     torch.testing.assert_close(out.logits, alone, atol=1e-5, rtol=0)
     assert out.loss.item() > 0
+    # Embeddings show no padding: a batch of them without a mask cannot say where each sequence ends.
+    embeds = model.get_input_embeddings()(torch.cat([ids, ids]))
+    with pytest.raises(ValueError, match="needs an attention_mask to find each one's last token"):
+        model(inputs_embeds=embeds)
