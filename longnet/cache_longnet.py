@@ -122,16 +122,21 @@ def trim_cache(
 ) -> torch.Tensor | None:
     """Drops what no query of this step can attend and returns the key mask for what is left.
 
-    ``attention_mask`` is ``(B, total length)`` or None; ``position_ids`` ``(B, Lq)`` are positions in
-    each row's own sequence. Row b needs keys from the start of its current period, ``past -
-    position_ids[b, 0] mod period``; the cache keeps the earliest of those over the batch and the
+    ``attention_mask`` is ``(B, total length)`` or None; ``position_ids`` ``(B, Lq)`` give the batch and
+    query sizes. Dilated attention counts a row's positions from its first real token (``find_documents``),
+    whatever ``position_ids`` say, so row b needs keys from the start of its current period in that count,
+    ``past - (past - first real) mod period``; the cache keeps the earliest of those over the batch and the
     returned mask hides, per row, the kept keys before its own start. Anything but left padding (holes,
     packed rows) keeps the cache whole.
     """
     past_length = cache.get_seq_length()
     if attention_mask is not None and not bool((attention_mask[:, 1:] >= attention_mask[:, :-1]).all()):
         return attention_mask[:, cache.dropped :]
-    row_start = past_length - position_ids[:, 0] % period  # (B,)
+    if attention_mask is None:
+        first_real = torch.zeros(position_ids.shape[0], dtype=torch.long, device=position_ids.device)
+    else:
+        first_real = attention_mask.long().argmax(-1)  # left padding: the first 1
+    row_start = past_length - (past_length - first_real) % period  # (B,)
     cache.drop_front(int(row_start.min()) - cache.dropped)
     key_index = torch.arange(cache.dropped, past_length + position_ids.shape[1], device=position_ids.device)
     mask = key_index >= row_start[:, None]

@@ -35,6 +35,22 @@ def test_cached_decoding_equals_full_forward(overrides, cache_class):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
 
 
+def test_cached_decoding_with_position_ids_not_from_zero_equals_full_forward():
+    # Dilated attention counts positions from the first token, whatever position_ids say (they set RoPE):
+    # the bounded cache must keep keys by the same count. Positions 5, 6, ... past the period of 24.
+    model = make_model()
+    ids = random_ids(1, 40)
+    positions = torch.arange(5, 45)[None]
+    full = model(ids, position_ids=positions).logits
+    out = model(ids[:, :7], position_ids=positions[:, :7], use_cache=True)
+    cache, steps = out.cache, [out.logits]
+    for t in range(7, 40):
+        out = model(ids[:, t : t + 1], position_ids=positions[:, t : t + 1], cache=cache, use_cache=True)
+        cache, steps = out.cache, steps + [out.logits]
+    assert type(cache) is LongNetCache and cache.dropped > 0
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
+
+
 def test_longnet_cache_stays_bounded():
     """lcm(4, 8, 12) = 24: no query needs a key from before its own 24-token period, so the cache never
     holds more than 24 positions, whatever the length; logits still equal the full forward."""
