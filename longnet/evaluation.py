@@ -72,12 +72,17 @@ def perplexity_by_context(
     return results
 
 
-def write_report(results: dict[str, dict[int, float]], out: Path, title: str, notes: str = "") -> list[Path]:
-    """``{model name: {length: perplexity}}`` -> ``out.json``, ``out.md`` (table) and ``out.png`` (plot), the
-    files returned. ``out`` is a prefix (``run.v2`` gives ``run.v2.md``); a suffix .json, .md or .png names
-    the files' common stem (``table.md`` gives ``table.md`` and ``table.json``)."""
+def report_files(out: Path) -> dict[str, Path]:
+    """The ``json``, ``md`` and ``png`` files of a report written to the prefix ``out``: a dot in it is part of
+    the name (``run.v2`` gives ``run.v2.md``), a suffix .json, .md or .png names their common stem."""
     prefix = out.with_suffix("") if out.suffix in (".json", ".md", ".png") else out
-    files = {kind: prefix.with_name(f"{prefix.name}.{kind}") for kind in ("json", "md", "png")}
+    return {kind: prefix.with_name(f"{prefix.name}.{kind}") for kind in ("json", "md", "png")}
+
+
+def write_report(results: dict[str, dict[int, float]], out: Path, title: str, notes: str = "") -> list[Path]:
+    """``{model name: {length: perplexity}}`` -> the report files of ``out`` (``report_files``): JSON, a
+    Markdown table and a plot; returns them."""
+    files = report_files(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lengths = sorted({length for by_length in results.values() for length in by_length})
     files["json"].write_text(

@@ -199,9 +199,10 @@ def plant_passkeys(
 
 
 def answer(text: str) -> str | None:
-    """The first 5-digit number in the model's answer, or None."""
-    found = re.search(rf"\d{{{KEY_DIGITS}}}", text)
-    return found.group(0) if found else None
+    """The first number in the model's answer if it has the key's 5 digits, else None (123456 is no answer
+    to 12345)."""
+    found = re.search(r"\d+", text)
+    return found.group(0) if found and len(found.group(0)) == KEY_DIGITS else None
 
 
 @torch.no_grad()

@@ -103,7 +103,8 @@ def split_by_file(files: list[str], validation_percentage: float) -> tuple[list[
 
     A split that leaves either side empty is refused, with the percentage that would hold out a file, rather
     than a file picked here: the user decides what is held out."""
-    validation = [f for f in files if _hash_fraction(f) < validation_percentage / 100]
+    fraction = _hash_fractions(files)
+    validation = [f for f in files if fraction[f] < validation_percentage / 100]
     train = [f for f in files if f not in set(validation)]
     given = f"--validation_split_percentage {validation_percentage:g}"
     if len(files) == 1:
@@ -115,7 +116,7 @@ def split_by_file(files: list[str], validation_percentage: float) -> tuple[list[
             f"{given} holds out all {len(files)} data files: pass --validation_file or a smaller percentage"
         )
     if not validation:
-        needed = math.floor(min(_hash_fraction(f) for f in files) * 100) + 1
+        needed = math.floor(min(fraction.values()) * 100) + 1
         raise ValueError(
             f"{given} holds out none of the {len(files)} data files (the split is by file): pass --validation_file, "
             f"or --validation_split_percentage {needed} or more"
@@ -123,9 +124,16 @@ def split_by_file(files: list[str], validation_percentage: float) -> tuple[list[
     return train, validation
 
 
-def _hash_fraction(name: str) -> float:
-    digest = hashlib.sha1(os.path.basename(name).encode() + name.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+def _hash_fractions(files: list[str]) -> dict[str, float]:
+    """Each file's place in [0, 1), from its path below the files' common folder: the same files split the
+    same way wherever they lie (the standard library of /usr/lib/python3.11 as of ~/.pyenv/.../python3.11)."""
+    root = os.path.commonpath([os.path.abspath(f) for f in files]) if len(files) > 1 else ""
+    fractions = {}
+    for name in files:
+        relative = os.path.relpath(os.path.abspath(name), root) if root else os.path.basename(name)
+        digest = hashlib.sha1(relative.encode()).digest()
+        fractions[name] = int.from_bytes(digest[:8], "big") / 2**64
+    return fractions
 
 
 def load_documents(files: list[str], text_column: str = "text") -> datasets.Dataset:

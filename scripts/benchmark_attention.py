@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from longnet import dilated_attention
+from longnet.evaluation import report_files
 from longnet.machine import describe, native_bf16
 
 CUDA_DEFAULTS = {
@@ -235,12 +236,12 @@ def main() -> None:
                     )
                 write_results(rows, args)  # after every point: a run cut short keeps what it measured
             del q, k, v
-    print(f"wrote {args.out}.json, {args.out}.md, {args.out}.png")
+    print("wrote " + ", ".join(map(str, report_files(Path(args.out)).values())))
 
 
 def write_results(rows: list[dict], args) -> None:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    files = report_files(Path(args.out))
+    files["json"].parent.mkdir(parents=True, exist_ok=True)
     setup = {
         "machine": describe(args.device),
         "heads": args.heads,
@@ -250,9 +251,9 @@ def write_results(rows: list[dict], args) -> None:
         "threads": torch.get_num_threads(),
         "device": args.device,
     }
-    out.with_suffix(".json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(markdown(rows, setup))
-    plot(rows, out.with_suffix(".png"), setup)
+    files["json"].write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+    files["md"].write_text(markdown(rows, setup))
+    plot(rows, files["png"], setup)
 
 
 def total_memory(device: str) -> int:

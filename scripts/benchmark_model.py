@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -29,6 +30,7 @@ from benchmark_attention import CudaPeakMemory, PeakMemory  # noqa: E402
 
 from longnet import LongNetCache, LongNetConfig, LongNetForCausalLM  # noqa: E402
 from longnet.configuration_longnet import load_longnet_config  # noqa: E402
+from longnet.evaluation import report_files  # noqa: E402
 from longnet.machine import describe, native_bf16  # noqa: E402
 
 # The models compared: 2 layers of a 12-head, 768-wide decoder; LongNet with the paper's branches.
@@ -82,7 +84,7 @@ def filled_cache(kind: str, model, context: int):
     dtype = next(model.parameters()).dtype
     if kind == "longnet":
         cache = LongNetCache()
-        period = max(config.segment_lengths)  # lcm for power-of-two segments
+        period = math.lcm(*config.segment_lengths)  # what LongNetModel keeps (LongNetCache's period)
         stored = context % period or period
     else:
         cache = DynamicCache()
@@ -259,12 +261,12 @@ def main() -> None:
         "branches": branches,
         "threads": torch.get_num_threads(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(markdown(rows, setup))
-    plot(rows, out.with_suffix(".png"))
-    print(f"wrote {out}.json, {out}.md, {out}.png")
+    files = report_files(Path(args.out))
+    files["json"].parent.mkdir(parents=True, exist_ok=True)
+    files["json"].write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+    files["md"].write_text(markdown(rows, setup))
+    plot(rows, files["png"])
+    print("wrote " + ", ".join(map(str, files.values())))
 
 
 def markdown(rows: list[dict], setup: dict) -> str:

@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 
 from longnet import dilated_attention
 from longnet import sequence_parallel as sp
+from longnet.evaluation import report_files
 from longnet.machine import describe
 
 SEGMENTS, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12]
@@ -98,8 +99,8 @@ def main() -> None:
                     flush=True,
                 )
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    files = report_files(Path(args.out))
+    files["json"].parent.mkdir(parents=True, exist_ok=True)
     setup = {
         "machine": describe("cpu"),
         "heads": args.heads,
@@ -107,7 +108,7 @@ def main() -> None:
         "segment_lengths": SEGMENTS,
         "dilation_rates": RATES,
     }
-    out.with_suffix(".json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+    files["json"].write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
     lines = [
         "# Sequence-parallel dilated attention: bytes sent per rank and time (CPU, gloo)",
         "",
@@ -122,7 +123,7 @@ def main() -> None:
             f"| {row['world']} | {row['length']} | {row['local_length']} | {row['bytes_forward'] / 1e6:.2f} | "
             f"{row['bytes_backward'] / 1e6:.2f} | {row['median_s']:.2f} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    files["md"].write_text("\n".join(lines) + "\n")
 
     import matplotlib
 
@@ -147,8 +148,8 @@ def main() -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    print(f"wrote {out}.json, {out}.md, {out}.png")
+    fig.savefig(files["png"], dpi=110)
+    print("wrote " + ", ".join(map(str, files.values())))
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results = {}
     for name, folder in zip(names, args.models, strict=True):
-        results[name] = perplexity_by_context(load_model(folder, args), documents, lengths, description=name)
+        results[name] = perplexity_by_context(load_model(folder, args, tokenizer), documents, lengths, description=name)
         trained = (
             json.loads((Path(folder) / "training_info.json").read_text())
             if (Path(folder) / "training_info.json").exists()
@@ -171,10 +171,18 @@ def main(argv: list[str] | None = None) -> None:
     print("wrote " + ", ".join(map(str, files)))
 
 
-def load_model(folder: str, args):
-    return AutoModelForCausalLM.from_pretrained(
+def load_model(folder: str, args, tokenizer):
+    """The model in ``folder``, refused when the shared tokenizer has ids beyond its vocabulary."""
+    model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=getattr(torch, args.dtype), trust_remote_code=args.trust_remote_code
-    ).to(args.device)
+    )
+    if len(tokenizer) > model.config.vocab_size:
+        fail(
+            f"the tokenizer ({len(tokenizer)} tokens, from {args.tokenizer_name or args.models[0]}) has ids beyond "
+            f"{folder}'s vocabulary of {model.config.vocab_size}: models evaluated together must share a tokenizer "
+            "(--tokenizer_name names it)"
+        )
+    return model.to(args.device)
 
 
 def passkey_haystack(args, tokenizer, token_lists: list[list[int]]) -> list[int]:
@@ -198,7 +206,7 @@ def evaluate_passkey(args, names: list[str], tokenizer, haystack: list[int], doc
     """The pass key grid for every model, on one haystack."""
     results, reach = {}, []
     for name, folder in zip(names, args.models, strict=True):
-        model = load_model(folder, args)
+        model = load_model(folder, args, tokenizer)
         if note := answer_reach(model.config, args.lengths):
             reach.append(f"{name}: {note}")
         results[name] = passkey_accuracy(
@@ -235,7 +243,7 @@ def evaluate_branches(args, names: list[str], tokenizer, haystack: list[int]) ->
         "",
     ]
     for name, folder in zip(names, args.models, strict=True):
-        model = load_model(folder, args)
+        model = load_model(folder, args, tokenizer)
         if not getattr(model.config, "segment_lengths", None):
             fail(f"--task branches needs LongNet models (segment_lengths in the config); {folder!r} has none")
         results[name] = {}
@@ -259,7 +267,7 @@ def evaluate_tokens(args, names: list[str], tokenizer, haystack: list[int]) -> N
         "",
     ]
     for name, folder in zip(names, args.models, strict=True):
-        model = load_model(folder, args)
+        model = load_model(folder, args, tokenizer)
         results[name] = {}
         for length in args.lengths:
             table, skipped = retrieval_by_token(model, tokenizer, haystack, length, args.keys_per_cell, seed=args.seed)

@@ -61,7 +61,7 @@ def test_dilated_pair_count_matches_brute_force():
 
 
 def test_benchmark_model_smoke(tmp_path):
-    out = tmp_path / "model"
+    out = tmp_path / "model.v2"  # a prefix: the dot is part of the name
     subprocess.run(
         [
             sys.executable,
@@ -75,14 +75,15 @@ def test_benchmark_model_smoke(tmp_path):
         check=True,
         capture_output=True,
     )
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    rows = json.loads((tmp_path / "model.v2.json").read_text())["rows"]
     assert {(r["model"], r["test"]) for r in rows} == {
         (m, t) for m in ("longnet", "llama") for t in ("train", "generate")
     }
     generate = {r["model"]: r for r in rows if r["test"] == "generate" and r["length"] == 200}
     # The LongNet cache holds at most lcm(16, 32, 64) = 64 positions; Llama's holds all 200.
     assert generate["longnet"]["cache_gb"] < generate["llama"]["cache_gb"] / 2
-    assert "| float32 | 128 |" in out.with_suffix(".md").read_text()
+    assert "| float32 | 128 |" in (tmp_path / "model.v2.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.v2.json", "model.v2.md", "model.v2.png"]
 
 
 def test_benchmark_model_takes_a_config(tmp_path):
@@ -95,19 +96,24 @@ def test_benchmark_model_takes_a_config(tmp_path):
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=4,
-        segment_lengths=[8, 64],
+        segment_lengths=[24, 64],
         dilation_rates=[1, 2],
     )
     config.save_pretrained(tmp_path / "folder")
     out = tmp_path / "model"
     script = str(ROOT / "scripts" / "benchmark_model.py")
-    lengths = ["--train_lengths", "64", "--generation_contexts", "64", "--dtypes", "float32"]
+    lengths = ["--train_lengths", "64", "--generation_contexts", "320", "--dtypes", "float32"]
     subprocess.run(
         [sys.executable, script, "--config", str(tmp_path / "folder"), *lengths, "--out", str(out)], check=True
     )
-    setup = json.loads(out.with_suffix(".json").read_text())["setup"]
-    assert setup["branches"] == {"segment_lengths": [8, 64], "dilation_rates": [1, 2]}
+    report = json.loads(out.with_suffix(".json").read_text())
+    setup = report["setup"]
+    assert setup["branches"] == {"segment_lengths": [24, 64], "dilation_rates": [1, 2]}
     assert setup["size"]["hidden_size"] == 32 and setup["size"]["vocab_size"] == 512
+    # The model keeps the current period of lcm(24, 64) = 192 positions: 128 of the 320, in a buffer with
+    # room for twice that (0.8 of Llama's 320); a period of max(24, 64) would keep 64 (0.4).
+    cache = {r["model"]: r["cache_gb"] for r in report["rows"] if r["test"] == "generate"}
+    assert 0.6 < cache["longnet"] / cache["llama"] < 1, cache
 
 
 def test_benchmark_model_refuses_a_config_that_is_not_longnet(tmp_path):

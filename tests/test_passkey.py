@@ -14,6 +14,7 @@ from conftest import TINY, make_model, random_ids, stdlib_text
 from longnet.passkey import (
     NEEDLE,
     QUESTION,
+    answer,
     answer_reach,
     check_grid,
     make_prompt,
@@ -69,6 +70,14 @@ def test_accuracy_is_the_share_of_keys_answered(tokenizer, haystack, reads, expe
     model = StandIn(tokenizer, reads)
     results = passkey_accuracy(model, tokenizer, haystack, [128, 256], [0, 50, 100], 5, batch_size=2)
     assert results == {length: {depth: expected for depth in (0, 50, 100)} for length in (128, 256)}
+
+
+@pytest.mark.parametrize(
+    "text, key", [(" 12345.", "12345"), (" 123456", None), (" 1234 and 12345", None), (" none", None)]
+)
+def test_the_answer_is_the_first_number_when_it_has_five_digits(text, key):
+    # A longer number holds the key's digits but does not answer with it.
+    assert answer(text) == key
 
 
 def test_report_files(tmp_path):
@@ -335,7 +344,6 @@ def haystack_blocks(haystack, count: int, length: int):
 
 
 def test_planted_blocks_end_with_the_answer_to_their_own_key(tokenizer, haystack):
-    from longnet.passkey import answer
 
     length = 300
     blocks = haystack_blocks(haystack, 40, length)

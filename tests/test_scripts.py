@@ -627,6 +627,24 @@ def test_evaluate_writes_the_report_files_it_names(tiny_model, tmp_path, capsys)
     assert f"wrote {', '.join(map(str, written))}" in output
 
 
+def test_evaluate_refuses_a_tokenizer_larger_than_a_models_vocabulary(tiny_model, tmp_path, capsys):
+    # Its ids beyond the vocabulary would fail deep in the embedding (a device assert on a GPU).
+    from longnet.training import train_tokenizer
+
+    texts = [f"def function_{i}(value):\n    return value * {i} + {i % 7}\n" for i in range(300)]
+    larger = train_tokenizer(iter(texts), 400)
+    larger.save_pretrained(tmp_path / "larger")
+    flags = ["--validation_file", bad_inputs(tmp_path)["two"], "--context_lengths", "32", "64"]
+    code, output = run_main(
+        "evaluate",
+        [str(tiny_model), "--tokenizer_name", str(tmp_path / "larger"), *flags, "--out", str(tmp_path / "r")],
+        capsys,
+    )
+    error = output.strip().splitlines()[-1]
+    assert code == 2 and error.startswith(f"error: the tokenizer ({len(larger)} tokens, from {tmp_path / 'larger'})")
+    assert "must share a tokenizer" in error and "Traceback" not in output
+
+
 def test_existing_output_dir_is_never_overwritten(corpus, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -670,6 +688,18 @@ def test_resume_reuses_the_first_runs_arguments(corpus, uninterrupted, tmp_path,
     resumed = run([sys.executable, TRAIN, "--output_dir", str(out), "--resume_from_checkpoint", "last"], env=ONE_THREAD)
     assert "resuming with the first run's" in resumed.stdout and "--train_file" in resumed.stdout
     assert_same_weights(out, uninterrupted)
+
+
+def test_the_validation_split_is_the_same_wherever_the_files_lie(corpus, tmp_path):
+    # A model trained on one machine's standard library and evaluated on another's must be scored on the
+    # files it held out: the split may not depend on where the files are installed.
+    from longnet.training import split_by_file
+
+    splits = []
+    for root in (tmp_path / "a", tmp_path / "b" / "deeper"):
+        shutil.copytree(corpus, root)
+        splits.append([Path(f).name for f in split_by_file(sorted(map(str, root.glob("*.py"))), 25)[1]])
+    assert splits[0] == splits[1] and 0 < len(splits[0]) < len(list(corpus.glob("*.py")))
 
 
 def test_packing_keeps_every_whole_block_of_a_corpus_of_short_rows():
