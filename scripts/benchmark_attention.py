@@ -35,6 +35,8 @@ CUDA_DEFAULTS = {
     "methods": ["triton", "sdpa", "dense"],
 }
 CPU_METHODS = ["sdpa", "dense"]
+METHODS = ("triton", "sdpa", "eager", "dense")  # dilated_attention backends, and dense SDPA
+DTYPES = ("float32", "bfloat16", "float16")
 
 PAPER_SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 PAPER_RATES = [1, 2, 4, 6, 12]
@@ -129,8 +131,21 @@ def run_once(method: str, q, k, v, backward: bool) -> tuple[float, int]:
     return elapsed, memory.used
 
 
-def main() -> None:
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (0 repeats or tokens would fail deep inside a run)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA GPU")
+
+
+def main(argv: list[str] | None = None) -> None:
+    if argv is None and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # a command line: re-run with it set
         # Large blocks through mmap go back to the OS when freed, so resident memory tracks what is
         # live and the peak of one run is not hidden by memory cached from the run before.
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -140,22 +155,26 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
+        choices=METHODS,
         help="dilated_attention backends and/or dense (cpu: sdpa dense; cuda: triton sdpa dense)",
     )
-    parser.add_argument("--lengths", type=int, nargs="+", help="default 8K..1M on cpu, 32K..4M on cuda")
-    parser.add_argument("--dtypes", nargs="+", help="cuda: bfloat16; cpu: float32 (+ bfloat16 in hardware)")
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--head_dim", type=int, default=64)
+    parser.add_argument("--lengths", type=positive_int, nargs="+", help="default 8K..1M on cpu, 8K..4M on cuda")
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=DTYPES, help="cuda: bfloat16; cpu: float32 (+ bfloat16 in hardware)"
+    )
+    parser.add_argument("--heads", type=positive_int, default=12)
+    parser.add_argument("--head_dim", type=positive_int, default=64)
     parser.add_argument("--dense_max_length", type=int, help="longest N for dense SDPA (32K cpu, 128K cuda)")
-    parser.add_argument("--repeats", type=int, help="timed runs per point, median reported (3 cpu, 10 cuda)")
-    parser.add_argument("--long_repeats", type=int, help="timed runs per point above 64K (1 cpu, 3 cuda)")
+    parser.add_argument("--repeats", type=positive_int, help="timed runs per point, median reported (3 cpu, 10 cuda)")
+    parser.add_argument("--long_repeats", type=positive_int, help="timed runs per point above 64K (1 cpu, 3 cuda)")
     parser.add_argument("--out", help="default docs/benchmarks/attention_{device}")
     parser.add_argument(
         "--no_memory_guard",
         action="store_true",
         help="run every point, even one projected (linearly, so pessimistically) not to fit",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_device(parser, args.device)
     on_cuda = args.device == "cuda"
     defaults = {
         "lengths": CUDA_DEFAULTS["lengths"] if on_cuda else [1 << p for p in range(13, 21)],
@@ -340,7 +359,8 @@ def markdown(rows: list[dict], setup: dict) -> str:
         "",
         f"Machine: {machine}. Batch 1, H = {setup['heads']}, "
         f"D = {setup['head_dim']}, branches w = {setup['segment_lengths']}, r = {setup['dilation_rates']}.",
-        "Median of the timed runs (first call, with compilation and index building, apart); pairs are the "
+        "Median of the timed runs (the first call apart: on CUDA at the same shape, with compilation and index "
+        "building; on CPU a 2,048-token warm-up); pairs are the "
         "(query, key) pairs each method must score, causal on both sides; FLOPs count 4·D per pair forward, "
         f"12·D forward+backward; memory is the {memory}. Dilated methods are `dilated_attention` backends.",
         "",

@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_attention import CudaPeakMemory, PeakMemory  # noqa: E402
+from benchmark_attention import DTYPES, CudaPeakMemory, PeakMemory, check_device, positive_int  # noqa: E402
 
 from longnet import LongNetCache, LongNetConfig, LongNetForCausalLM  # noqa: E402
 from longnet.configuration_longnet import load_longnet_config  # noqa: E402
@@ -135,7 +135,7 @@ def cache_bytes(cache) -> int:
     return sum(storages.values())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
@@ -143,19 +143,22 @@ def main() -> None:
         "--config", help="a LongNet folder or config JSON: its size and branches instead of the default ones"
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtypes", nargs="+", help="cuda: bfloat16; cpu: float32 (+ bfloat16 in hardware)")
-    parser.add_argument("--train_lengths", type=int, nargs="+", help="default 2K..64K on cpu, 4K..1M on cuda")
-    parser.add_argument("--generation_contexts", type=int, nargs="+", help="default 1K..128K (cuda: ..1M)")
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=DTYPES, help="cuda: bfloat16; cpu: float32 (+ bfloat16 in hardware)"
+    )
+    parser.add_argument("--train_lengths", type=positive_int, nargs="+", help="default 2K..64K on cpu, 4K..1M on cuda")
+    parser.add_argument("--generation_contexts", type=positive_int, nargs="+", help="default 1K..128K (cuda: ..1M)")
     parser.add_argument(
         "--max_step_seconds",
         type=float,
         default=90.0,
         help="stop a model's sweep before a step projected to take longer",
     )
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--generation_steps", type=int, default=8)
+    parser.add_argument("--repeats", type=positive_int, help="timed training steps per point (default 2)")
+    parser.add_argument("--generation_steps", type=positive_int, help="timed one-token steps (default 8)")
     parser.add_argument("--out", help="default docs/benchmarks/model_{device}")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_device(parser, args.device)
     if args.config:
         try:
             load_longnet_config(args.config)  # before the re-exec below: a bad path stops at once, in one line
@@ -167,12 +170,16 @@ def main() -> None:
         "dtypes": ["bfloat16"] if on_cuda else ["float32"] + ["bfloat16"] * native_bf16("cpu"),
         "train_lengths": [1 << p for p in range(12, 21)] if on_cuda else [1 << p for p in range(11, 17)],
         "generation_contexts": contexts + [1000000] if on_cuda else contexts,
+        "repeats": 2,
+        "generation_steps": 8,
         "out": f"docs/benchmarks/model_{args.device}",
     }
+    if args.smoke:  # tiny sizes; flags given still win
+        defaults.update(train_lengths=[64, 128], generation_contexts=[64, 200], repeats=1, generation_steps=3)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+    if argv is None and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # a command line: re-run with it set
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed blocks leave: see benchmark_attention.py
         os.execv(sys.executable, [sys.executable, *sys.argv])
 
@@ -184,8 +191,6 @@ def main() -> None:
     if args.smoke:
         size.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
         branches = dict(segment_lengths=[16, 32, 64], dilation_rates=[1, 2, 4])
-        args.train_lengths, args.generation_contexts = [64, 128], [64, 200]
-        args.repeats, args.generation_steps = 1, 3
 
     rows = []
     for dtype_name in args.dtypes:

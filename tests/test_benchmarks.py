@@ -1,11 +1,13 @@
 """The attention benchmark script runs end to end (tiny sizes) and writes its three files."""
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +47,32 @@ def test_benchmark_attention_smoke(tmp_path, cpu_bf16_in_hardware):
         assert ("bf16 in hardware" in result["setup"]["machine"]) == cpu_bf16_in_hardware
 
 
+BAD_FLAGS = [
+    ("benchmark_attention", ["--dtypes", "bf16"], "argument --dtypes: invalid choice: 'bf16'"),
+    ("benchmark_attention", ["--methods", "flash"], "argument --methods: invalid choice: 'flash'"),
+    ("benchmark_attention", ["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    ("benchmark_model", ["--dtypes", "bf16"], "argument --dtypes: invalid choice: 'bf16'"),
+    ("benchmark_model", ["--generation_steps", "0"], "argument --generation_steps: must be at least 1, got 0"),
+    ("benchmark_model", ["--train_lengths", "-64"], "argument --train_lengths: must be at least 1, got -64"),
+]
+if not torch.cuda.is_available():
+    BAD_FLAGS += [
+        (script, ["--device", "cuda"], "--device cuda: this machine has no CUDA GPU")
+        for script in ("benchmark_attention", "benchmark_model")
+    ]
+
+
+@pytest.mark.parametrize("script, flags, message", BAD_FLAGS)
+def test_a_bad_benchmark_flag_is_one_error_line(script, flags, message, capsys):
+    # Each failed deep inside a run (getattr(torch, "bf16"), statistics of no timings, a backend checked after
+    # allocation, a CUDA call on a machine without one).
+    sys.path.insert(0, str(ROOT / "scripts"))
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(script).main(flags)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stopped.value.code == 2 and message in error and ": error: " in error
+
+
 def test_dilated_pair_count_matches_brute_force():
     sys.path.insert(0, str(ROOT / "scripts"))
     from benchmark_attention import dilated_pairs
@@ -69,6 +97,8 @@ def test_benchmark_model_smoke(tmp_path):
             "--smoke",
             "--dtypes",
             "float32",
+            "--train_lengths",
+            "96",
             "--out",
             str(out),
         ],
@@ -79,10 +109,11 @@ def test_benchmark_model_smoke(tmp_path):
     assert {(r["model"], r["test"]) for r in rows} == {
         (m, t) for m in ("longnet", "llama") for t in ("train", "generate")
     }
+    assert {r["length"] for r in rows if r["test"] == "train"} == {96}  # a flag given wins over --smoke's
     generate = {r["model"]: r for r in rows if r["test"] == "generate" and r["length"] == 200}
     # The LongNet cache holds at most lcm(16, 32, 64) = 64 positions; Llama's holds all 200.
     assert generate["longnet"]["cache_gb"] < generate["llama"]["cache_gb"] / 2
-    assert "| float32 | 128 |" in (tmp_path / "model.v2.md").read_text()
+    assert "| float32 | 96 |" in (tmp_path / "model.v2.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.v2.json", "model.v2.md", "model.v2.png"]
 
 
