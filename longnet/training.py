@@ -30,6 +30,10 @@ from .hub import has_tokenizer, redact
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".java", ".js", ".ts", ".go", ".rs"}
 TABLE_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+# What train.py saves of a run (its flags, for --resume_from_checkpoint and evaluate.py's held-out split) and
+# the share of the files it holds out when given no --validation_file.
+ARGUMENTS_FILE = "train_arguments.json"
+DEFAULT_SPLIT_PERCENTAGE = 5.0
 
 
 # What building a LongNetConfig from bad values raises: transformers' @strict validation wraps the

@@ -49,6 +49,8 @@ from longnet.passkey import (
     write_passkey_report,
 )
 from longnet.training import (
+    ARGUMENTS_FILE,
+    DEFAULT_SPLIT_PERCENTAGE,
     expand_paths,
     fail,
     lacks_tokenizer,
@@ -67,7 +69,12 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         help="files or folders; default: the held-out standard library files of the main job's split",
     )
-    parser.add_argument("--validation_split_percentage", type=float, default=5.0)
+    parser.add_argument(
+        "--validation_split_percentage",
+        type=float,
+        help="the standard library split to score on (default: the one the models held out in training, from "
+        "their train_arguments.json; else 5)",
+    )
     parser.add_argument("--text_column", default="text")
     parser.add_argument("--context_lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--max_documents", type=int, default=4)
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.validation_file:
             files = expand_paths(args.validation_file)
         else:
-            files = split_by_file(stdlib_python_files(), args.validation_split_percentage)[1]
+            files = split_by_file(stdlib_python_files(), held_out_percentage(args))[1]
         texts = load_documents(files, args.text_column)["text"]
     except (OSError, ValueError) as error:
         fail(str(error))
@@ -169,6 +176,38 @@ def main(argv: list[str] | None = None) -> None:
         f"of each length ({args.dtype}). {skipped}".strip(),
     )
     print("wrote " + ", ".join(map(str, files)))
+
+
+def held_out_percentage(args) -> float:
+    """The standard library split to score on: the one the models held out when train.py trained them on the
+    standard library (their train_arguments.json), so that no scored file was trained on."""
+    recorded = {}
+    for folder in args.models:
+        saved = Path(folder) / ARGUMENTS_FILE
+        flags = json.loads(saved.read_text()) if saved.is_file() else {}
+        if not saved.is_file() or flags.get("train_file") or flags.get("dataset_name"):
+            continue  # not trained here on the standard library
+        if flags.get("validation_file"):
+            print(f"warning: {folder} was trained on the whole standard library (it was given --validation_file)")
+            continue
+        recorded[folder] = float(flags.get("validation_split_percentage", DEFAULT_SPLIT_PERCENTAGE))
+    if args.validation_split_percentage is not None:
+        for folder, percentage in recorded.items():
+            if percentage != args.validation_split_percentage:
+                print(
+                    f"warning: {folder} held out {percentage:g} % of the standard library in training, not "
+                    f"{args.validation_split_percentage:g} %: some files scored here were trained on"
+                )
+        return args.validation_split_percentage
+    if len(set(recorded.values())) > 1:
+        held = ", ".join(f"{folder}: {percentage:g} %" for folder, percentage in recorded.items())
+        fail(
+            f"the models held out different shares of the standard library in training ({held}): pass "
+            "--validation_file, or --validation_split_percentage to choose one"
+        )
+    percentage = next(iter(recorded.values()), DEFAULT_SPLIT_PERCENTAGE)
+    print(f"held out: the standard library split at {percentage:g} %" + (" (as trained)" if recorded else ""))
+    return percentage
 
 
 def load_model(folder: str, args, tokenizer):

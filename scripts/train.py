@@ -58,7 +58,9 @@ from longnet.machine import native_bf16
 from longnet.passkey import plant_passkeys, planting_tokens
 from longnet.sequence_parallel import check_split
 from longnet.training import (
+    ARGUMENTS_FILE,
     CONFIG_ERRORS,
+    DEFAULT_SPLIT_PERCENTAGE,
     AnswerWeightedTrainer,
     SequenceParallelTrainer,
     expand_paths,
@@ -73,7 +75,6 @@ from longnet.training import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGUMENTS_FILE = "train_arguments.json"
 # Where and how a run starts, not what it trains: never carried over to a resumed run.
 NOT_CARRIED = {"output_dir", "resume_from_checkpoint", "overwrite_output_dir"}
 # A model's size: with --model_name_or_path or --config_name these flags may only repeat the model's values.
@@ -154,7 +155,7 @@ class DataArguments:
     validation_file: list[str] | None = None
     text_column: str = "text"
     block_size: int = field(default=4096, metadata={"help": "Tokens per training sequence."})
-    validation_split_percentage: float = 5.0
+    validation_split_percentage: float = DEFAULT_SPLIT_PERCENTAGE
     max_train_documents: int | None = None
     preprocessing_num_workers: int | None = None
     eval_context_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384])

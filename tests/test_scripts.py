@@ -627,6 +627,25 @@ def test_evaluate_writes_the_report_files_it_names(tiny_model, tmp_path, capsys)
     assert f"wrote {', '.join(map(str, written))}" in output
 
 
+def test_evaluate_scores_the_standard_library_files_the_models_held_out(tiny_model, tmp_path, capsys):
+    # train.py records the share of the standard library it held out; scoring another split would score
+    # files the model was trained on.
+    for name, flags in {"p25": {"validation_split_percentage": 25}, "p10": {"validation_split_percentage": 10}}.items():
+        shutil.copytree(tiny_model, tmp_path / name)
+        (tmp_path / name / "train_arguments.json").write_text(json.dumps(flags))
+    shutil.copytree(tiny_model, tmp_path / "p5")
+    (tmp_path / "p5" / "train_arguments.json").write_text(json.dumps({"max_steps": 10}))  # the default, 5 %
+    common = ["--context_lengths", "32", "64", "--max_documents", "1", "--out", str(tmp_path / "report")]
+    code, output = run_main("evaluate", [str(tmp_path / "p25"), *common], capsys)
+    assert code == 0 and "held out: the standard library split at 25 % (as trained)" in output, output[-2000:]
+    code, output = run_main("evaluate", [str(tmp_path / "p25"), str(tmp_path / "p10"), *common], capsys)
+    assert code == 2 and output.strip().splitlines()[-1].startswith("error: the models held out different shares")
+    code, output = run_main("evaluate", [str(tmp_path / "p5"), "--validation_split_percentage", "10", *common], capsys)
+    assert (
+        code == 0 and f"warning: {tmp_path / 'p5'} held out 5 % of the standard library in training, not 10 %" in output
+    )
+
+
 def test_evaluate_refuses_a_tokenizer_larger_than_a_models_vocabulary(tiny_model, tmp_path, capsys):
     # Its ids beyond the vocabulary would fail deep in the embedding (a device assert on a GPU).
     from longnet.training import train_tokenizer
