@@ -108,7 +108,6 @@ class LongNetCache(DynamicCache):
         """From now on no key is dropped: generate() rolls an assistant's cache back (``crop``) over tokens it
         drafted, which may lie before a period start that a later draft step reached."""
         self.recording = True
-        super().activate_past_recording()
 
     def drop_front(self, count: int) -> None:
         if self.recording:

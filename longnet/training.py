@@ -190,15 +190,15 @@ def pack_documents(
     eos = tokenizer.eos_token_id
 
     def tokenize(batch):
-        ids = [tokenizer(text, add_special_tokens=False)["input_ids"] + [eos] for text in batch["text"]]
-        return {"input_ids": ids, "length": [len(document) for document in ids]}
+        return {"input_ids": [tokenizer(text, add_special_tokens=False)["input_ids"] + [eos] for text in batch["text"]]}
 
     documents = dataset.map(
         tokenize, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc="Tokenizing"
     )
     rows = documents.with_format("arrow")  # slices as Arrow tables: no Python int per token
-    lengths = rows["length"].to_numpy().astype(np.int64) if len(documents) else np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(lengths)  # the stream position after each document
+    lengths = pc.list_value_length(rows["input_ids"]).to_numpy() if len(documents) else np.zeros(0)
+    ends = np.cumsum(lengths, dtype=np.int64)  # the stream position after each document
+    begins = ends - lengths  # and where each one starts
     count = int(ends[-1]) // block_size if len(ends) else 0
     if not count:  # no block (datasets' map of no rows would drop the columns)
         column = datasets.Sequence(datasets.Value("int64"))
@@ -209,10 +209,10 @@ def pack_documents(
         """Blocks ``batch["block"]`` (consecutive numbers) from the documents that hold their tokens."""
         begin, end = batch["block"][0] * block_size, (batch["block"][-1] + 1) * block_size
         first, last = np.searchsorted(ends, [begin, end - 1], side="right")
-        stream_start = int(ends[first] - lengths[first])
+        stream_start = int(begins[first])
         tokens = pc.list_flatten(rows[int(first) : int(last) + 1]["input_ids"]).to_numpy().astype(np.int64)
         starts = np.zeros(len(tokens), dtype=bool)
-        starts[ends[first : last + 1] - lengths[first : last + 1] - stream_start] = True
+        starts[begins[first : last + 1] - stream_start] = True
         window = slice(begin - stream_start, end - stream_start)
         tokens, starts = tokens[window].reshape(-1, block_size), starts[window].reshape(-1, block_size)
         starts[:, 0] = True  # a block starts a sequence too

@@ -184,9 +184,11 @@ def held_out_percentage(args) -> float:
     recorded = {}
     for folder in args.models:
         saved = Path(folder) / ARGUMENTS_FILE
-        flags = json.loads(saved.read_text()) if saved.is_file() else {}
-        if not saved.is_file() or flags.get("train_file") or flags.get("dataset_name"):
-            continue  # not trained here on the standard library
+        if not saved.is_file():
+            continue  # not trained by train.py
+        flags = json.loads(saved.read_text())
+        if flags.get("train_file") or flags.get("dataset_name"):
+            continue  # not trained on the standard library
         if flags.get("validation_file"):
             print(f"warning: {folder} was trained on the whole standard library (it was given --validation_file)")
             continue
