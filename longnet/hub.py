@@ -39,18 +39,25 @@ def has_tokenizer(folder: str | Path) -> bool:
 def write_folder(destination: str | Path) -> Iterator[Path]:
     """Yields a temporary sibling of ``destination`` to write into, renamed to ``destination`` only when the
     block succeeds and removed when it fails, so a failed or interrupted run never leaves a half-written
-    folder. An existing ``destination`` is replaced: the caller checks that it may be."""
+    folder. An existing ``destination`` is replaced: the caller checks that it may be. It is moved aside
+    until the new folder is in place and deleted only then, so an interruption never loses both."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    replaced = None
     try:
         yield temporary
         if destination.exists():
-            shutil.rmtree(destination)
+            replaced = temporary.with_name(temporary.name.replace(".partial-", ".replaced-", 1))
+            destination.rename(replaced)
         temporary.rename(destination)
     except BaseException:
+        if replaced is not None and not destination.exists():
+            replaced.rename(destination)
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    if replaced is not None:
+        shutil.rmtree(replaced)
 
 
 def recorded_license(folder: str | Path) -> dict[str, str] | None:

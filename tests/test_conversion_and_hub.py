@@ -641,3 +641,34 @@ def test_push_refuses_a_folder_without_remote_code(model_folder, monkeypatch):
     (model_folder / "modeling_longnet.py").unlink()
     with pytest.raises(SystemExit):
         push([str(model_folder), "someone/tiny-longnet", "--dry-run"], monkeypatch)
+
+
+@pytest.mark.parametrize("interrupted", ["while writing", "while renaming"])
+def test_an_interrupted_folder_write_keeps_the_folder_it_would_replace(interrupted, tmp_path, monkeypatch):
+    """write_folder (conversion destination, push staging) replaces an existing folder only once the new
+    one is complete: an interruption at any step leaves the old folder whole and no temporary behind."""
+    from longnet.hub import write_folder
+
+    destination = tmp_path / "model"
+    destination.mkdir()
+    (destination / "config.json").write_text("old")
+    rename = Path.rename
+
+    def interrupting_rename(self, target):
+        if ".partial-" in self.name:  # the complete new folder being moved into place
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    if interrupted == "while renaming":
+        monkeypatch.setattr(Path, "rename", interrupting_rename)
+    with pytest.raises(KeyboardInterrupt), write_folder(destination) as folder:
+        (folder / "config.json").write_text("new")
+        if interrupted == "while writing":
+            raise KeyboardInterrupt
+    assert (destination / "config.json").read_text() == "old"
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
+    monkeypatch.undo()
+    with write_folder(destination) as folder:
+        (folder / "config.json").write_text("new")
+    assert (destination / "config.json").read_text() == "new"
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
