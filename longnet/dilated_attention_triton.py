@@ -10,9 +10,9 @@ by log-sum-exp (paper Eq. 10).
 
 Backward recomputes every branch against the merged output and log-sum-exp, which is the gradient of
 one softmax over the multiset union of the branches' keys: exact, mixing weights included. One launch
-computes, per tile, the key/value gradients of a 128-row key block and either the query gradient of
-the 128-row query block with the same index or (a launch setting, faster at D = 64) each query
-block's share of it inside the key/value loop, and adds them (atomically: a position belongs to
+computes, per tile, the key/value gradients of a key block (64 or 128 rows: a launch setting) and
+either the query gradient of the query block with the same index or (a launch setting, faster at
+D = 64) each query block's share of it inside the key/value loop, and adds them (atomically: a position belongs to
 several branches, and a key/value head serves ``group`` query heads) into float32 accumulators, taken
 a slice of heads at a time for long inputs (``ACCUMULATOR_BYTES``).
 
@@ -38,7 +38,7 @@ except ImportError:  # the package works without triton; this path is then unava
 AVAILABLE = triton is not None
 # Interpreted kernels take CPU tensors; compiled ones take CUDA tensors.
 INTERPRETED = AVAILABLE and bool(triton.knobs.runtime.interpret if hasattr(triton, "knobs") else False)
-# Rows of a tile: the forward's query block and the backward's key block (and its query block).
+# Rows of a forward tile (its query block); the backward's key block is a launch setting.
 TILE_ROWS = 128
 # Head sizes the kernels take: tl.arange needs a power of two; larger ones run out of registers.
 HEAD_DIMS = (16, 32, 64, 128)
@@ -73,11 +73,12 @@ class _Plan:
 
     ``table`` (int64, one row per branch): w, r, segments, slots (``ceil(w/r)``), and the first
     row of the branch in the compact buffers, laid out ``(B*H, segments, slots)``. ``tiles`` (int32,
-    one row per tile): branch, ``b*H + h``, segment, block; heaviest causal blocks first. The heads
-    are ``first_head + h``: a slice of the heads keeps their dilation offsets (``head mod r``)."""
+    one row per tile): branch, ``b*H + h``, segment, block of ``rows`` kept positions; heaviest causal
+    blocks first. The heads are ``first_head + h``: a slice of the heads keeps their dilation offsets
+    (``head mod r``)."""
 
     def __init__(
-        self, batch: int, heads: int, length: int, branches: Sequence[tuple[int, int]], first_head: int
+        self, batch: int, heads: int, length: int, branches: Sequence[tuple[int, int]], first_head: int, rows: int
     ) -> None:
         table, tiles, base = [], [], 0
         head = torch.arange(heads)
@@ -88,7 +89,7 @@ class _Plan:
             segment = torch.arange(segments).view(segments, 1)
             span = torch.clamp(length - segment * w, max=w)  # positions in the segment
             kept = torch.clamp(span - (first_head + head) % r + r - 1, min=0) // r  # (segments, H)
-            blocks = -(-kept // TILE_ROWS)
+            blocks = -(-kept // rows)
             seg_of, head_of = (x.flatten() for x in torch.meshgrid(torch.arange(segments), head, indexing="ij"))
             count = blocks.flatten()
             seg_of, head_of = seg_of.repeat_interleave(count), head_of.repeat_interleave(count)
@@ -97,7 +98,7 @@ class _Plan:
                 tiles.append(torch.stack([torch.full_like(seg_of, number), b * heads + head_of, seg_of, block_of], 1))
         tiles = torch.cat(tiles)
         tiles = tiles[torch.argsort(tiles[:, 3], descending=True, stable=True)]
-        self.rows = base
+        self.compact_rows = base
         self.table = torch.tensor(table, dtype=torch.int64)
         self.tiles = tiles.to(torch.int32).contiguous()
         self.on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -109,8 +110,10 @@ class _Plan:
 
 
 @functools.lru_cache(maxsize=16)
-def _plan(batch: int, heads: int, length: int, branches: tuple[tuple[int, int], ...], first_head: int = 0) -> _Plan:
-    return _Plan(batch, heads, length, branches, first_head)
+def _plan(
+    batch: int, heads: int, length: int, branches: tuple[tuple[int, int], ...], first_head: int, rows: int
+) -> _Plan:
+    return _Plan(batch, heads, length, branches, first_head, rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,14 +403,31 @@ def _backward_kernel(
 # Launchers: the path's interface (the same as the other fused paths')
 
 # Launch settings by head size: forward (key block, warps, stages) and backward (query block of the
-# key/value loop, key block of the query loop, warps, stages, query gradient in the key/value loop);
-# other head sizes use the first entry. Chosen by the sweep in scripts/run_cuda_checks.sh on an H100
-# (docs/benchmarks/cuda_checks.log): the query gradient inside the key/value loop is 4% faster at
-# D = 64 and 2.5% slower at D = 128, both beyond the spread between rounds.
+# key/value loop, key block of the query loop, warps, stages, query gradient in the key/value loop,
+# rows of a tile's key block); other head sizes use the first entry. Chosen by the sweep in
+# scripts/run_cuda_checks.sh on an H100 (docs/benchmarks/cuda_checks.log) among the candidates below:
+# the query gradient inside the key/value loop is 4% faster at D = 64 and 2.5% slower at D = 128,
+# both beyond the spread between rounds.
 FORWARD_CONFIGS = {64: (64, 4, 3), 128: (64, 8, 3)}
-BACKWARD_CONFIGS = {64: (64, 64, 8, 3, True), 128: (32, 32, 8, 3, False)}
+BACKWARD_CONFIGS = {64: (64, 64, 8, 3, True, 128), 128: (32, 32, 8, 3, False, 128)}
 # The merge pass (and the backward's delta pass): positions per program, warps.
 MERGE_CONFIG = (32, 4)
+# What the sweep tries, by head size (the tests check every candidate against the reference). The
+# backward's untimed ones: smaller key blocks (more tiles, fewer registers per tile) and Triton's
+# tutorial flash attention backward's shape on Hopper (key block 128, query block 32, 4 warps, 5 stages).
+FORWARD_CANDIDATES = {64: [(64, 4, 3), (128, 4, 3)], 128: [(64, 8, 3)]}
+BACKWARD_CANDIDATES = {
+    64: [
+        (64, 64, 8, 3, True, 128),
+        (32, 64, 4, 3, False, 128),
+        (32, 64, 8, 3, True, 128),
+        (32, 64, 4, 5, True, 128),
+        (64, 64, 4, 3, True, 64),
+        (32, 32, 4, 3, False, 64),
+    ],
+    128: [(32, 32, 8, 3, False, 128), (32, 32, 8, 3, True, 128), (32, 32, 4, 3, False, 64)],
+}
+MERGE_CANDIDATES = [(32, 4), (64, 4), (128, 4), (128, 8), (256, 8)]
 # The most memory the backward's float32 gradient accumulators take at once: longer inputs are done a
 # slice of key/value heads (with their query heads) at a time, each slice cast to the input dtype
 # before the next starts (at 4M tokens, 12 heads, D = 64 all three would take 39 GB at once).
@@ -449,10 +469,10 @@ def forward(
     ``(B, H, L)`` of all branches merged."""
     query, key, value = (_unit_last_stride(x) for x in (query, key, value))
     batch, heads, length, head_dim = query.shape
-    plan = _plan(batch, heads, length, tuple(branches))
+    plan = _plan(batch, heads, length, tuple(branches), 0, TILE_ROWS)
     table, tiles = plan.tensors(query.device)
-    branch_out = torch.empty(plan.rows, head_dim, dtype=query.dtype, device=query.device)
-    branch_lse = torch.empty(plan.rows, dtype=torch.float32, device=query.device)
+    branch_out = torch.empty(plan.compact_rows, head_dim, dtype=query.dtype, device=query.device)
+    branch_lse = torch.empty(plan.compact_rows, dtype=torch.float32, device=query.device)
     block_n, warps, stages = _config(FORWARD_CONFIGS, head_dim)
     _forward_kernel[(tiles.shape[0],)](
         query, key, value, branch_out, branch_lse, table, tiles,
@@ -515,18 +535,22 @@ def _backward_slice(
 ) -> None:
     """The backward launch for a slice of the heads, its float32 accumulators cast into the gradients."""
     batch, heads, length, head_dim = query.shape
-    table, tiles = _plan(batch, heads, length, tuple(branches), first_head).tensors(query.device)
+    block_m1, block_n2, warps, stages, dq_in_kv_loop, block = _config(BACKWARD_CONFIGS, head_dim)
+    if block % block_m1:  # the key/value loop's masked diagonal step must end on the key block's end
+        raise ValueError(
+            f"BACKWARD_CONFIGS: the key block ({block}) must be a multiple of the query block ({block_m1})"
+        )
+    table, tiles = _plan(batch, heads, length, tuple(branches), first_head, block).tensors(query.device)
     accumulators = [torch.zeros_like(x, dtype=torch.float32) for x in (query, key, value)]
     if accumulators[1].stride() != accumulators[2].stride():  # the kernel adds both through one set of strides
         accumulators[2] = torch.zeros_like(accumulators[1])
     accumulate_q, accumulate_k, accumulate_v = accumulators
-    block_m1, block_n2, warps, stages, dq_in_kv_loop = _config(BACKWARD_CONFIGS, head_dim)
     _backward_kernel[(tiles.shape[0],)](
         query, key, value, grad_out, lse, delta, accumulate_q, accumulate_k, accumulate_v, table, tiles,
         *_strides(query), *_strides(key), *_strides(value), *_strides(grad_out), lse.stride(0), lse.stride(1),
         *_strides(accumulate_q), *_strides(accumulate_k),
         heads, first_head, heads // key.shape[1], length, scale, scale * math.log2(math.e),
-        IS_CAUSAL=is_causal, HEAD_DIM=head_dim, BLOCK=TILE_ROWS, BLOCK_M1=block_m1, BLOCK_N2=block_n2,
+        IS_CAUSAL=is_causal, HEAD_DIM=head_dim, BLOCK=block, BLOCK_M1=block_m1, BLOCK_N2=block_n2,
         PRECISION=_precision(query), DQ_IN_KV_LOOP=dq_in_kv_loop, **_launch_options(warps, stages),
     )  # fmt: skip
     for gradient, accumulator in zip((grad_q, grad_k, grad_v), accumulators, strict=True):

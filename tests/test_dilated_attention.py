@@ -212,6 +212,52 @@ def test_triton_backward_one_head_slice_at_a_time(head_dim, monkeypatch):
         assert (grad.double() - ref_grad).norm() / ref_grad.norm() < (1e-5 if dtype == torch.float32 else 0.02)
 
 
+LAUNCH_CANDIDATES = (
+    [("forward", d, c) for d, cs in triton_path.FORWARD_CANDIDATES.items() for c in cs]
+    + [("merge", 64, c) for c in triton_path.MERGE_CANDIDATES]
+    + [("backward", d, c) for d, cs in triton_path.BACKWARD_CANDIDATES.items() for c in cs]
+)
+
+
+@pytest.mark.skipif(not HAS_TRITON_PATH, reason="needs triton (and CUDA or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("kind, head_dim, candidate", LAUNCH_CANDIDATES, ids=str)
+def test_every_launch_setting_the_sweep_may_choose_is_exact(kind, head_dim, candidate, monkeypatch):
+    """The GPU sweep (scripts/run_cuda_checks.sh) installs whichever candidate is fastest: each must give
+    the reference's output and gradients. Key blocks of 64 and 128 rows over several blocks per segment,
+    a ragged last segment, GQA and the model's (B, L, H, D) storage. Interpreted: at head size 16 (the
+    settings do not depend on it there; four times faster)."""
+    head_dim = 16 if triton_path.INTERPRETED else head_dim
+    if kind == "merge":
+        monkeypatch.setattr(triton_path, "MERGE_CONFIG", candidate)
+    else:
+        monkeypatch.setitem(triton_path.FORWARD_CONFIGS if kind == "forward" else triton_path.BACKWARD_CONFIGS,
+                            head_dim, candidate)  # fmt: skip
+    dtype = TRITON_DTYPES[0]
+    branches = [(256, 1), (128, 2)]
+    inputs = make_inputs(1, 2, 1, 300, 300, head_dim, dtype, TRITON_DEVICE)
+    inputs = [x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in inputs]
+    segments, rates = zip(*branches, strict=True)
+    out = dilated_attention(*inputs, segments, rates, backend="triton")
+    ref_out = reference_attention(*inputs, branches, True)[0]
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_grads = torch.autograd.grad(ref_out, inputs, grad_out.double())
+    tolerance = 1e-5 if dtype == torch.float32 else 0.02
+    assert (out.double() - ref_out).norm() / ref_out.norm() < tolerance
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert (grad.double() - ref_grad).norm() / ref_grad.norm() < tolerance
+
+
+@pytest.mark.skipif(not HAS_TRITON_PATH, reason="needs triton (and CUDA or TRITON_INTERPRET=1)")
+def test_a_backward_key_block_the_query_block_does_not_divide_is_refused(monkeypatch):
+    """Such a setting would count the diagonal block's pairs twice: a clear error, not wrong gradients."""
+    monkeypatch.setitem(triton_path.BACKWARD_CONFIGS, 16, (128, 32, 4, 3, False, 64))
+    inputs = [x.requires_grad_() for x in make_inputs(1, 2, 2, 40, 40, 16, TRITON_DTYPES[0], TRITON_DEVICE)]
+    out = dilated_attention(*inputs, [16], [1], backend="triton")
+    with pytest.raises(ValueError, match="key block .64. must be a multiple of the query block .128."):
+        out.sum().backward()
+
+
 @pytest.mark.parametrize("backend", FP64_BACKENDS)
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
 def test_gradcheck(backend, is_causal):
