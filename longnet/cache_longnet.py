@@ -104,9 +104,10 @@ class LongNetCache(DynamicCache):
     def dropped(self) -> int:
         return self.layers[0].dropped if self.layers else 0
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs) -> None:
         """From now on no key is dropped: generate() rolls an assistant's cache back (``crop``) over tokens it
-        drafted, which may lie before a period start that a later draft step reached."""
+        drafted, which may lie before a period start that a later draft step reached. (The keyword arguments,
+        such as ``recurrent_states_to_keep``, concern recurrent layers, which LongNet has none of.)"""
         self.recording = True
 
     def drop_front(self, count: int) -> None:

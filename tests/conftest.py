@@ -120,6 +120,7 @@ def _entry(rank, world, port, target, args):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         target(rank, world, *args)
+        dist.barrier()  # no rank tears the group down while another still has collectives in flight
     except Exception:
         traceback.print_exc()
         raise
