@@ -233,13 +233,15 @@ def _rows_of(tensor: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _SlotSet:
-    """One kernel call of the strided path: the heads ``c, c + r, ...`` (``c`` the residue) of
-    ``n_segments`` segments from ``first_segment`` on, each holding ``slots`` kept positions
-    ``start + c + j*r``. Any (B, H, L, ...) tensor yields this set as a strided view, with no copy."""
+    """One kernel call of the strided path: the heads ``first_head, first_head + r, ...`` of the
+    tensors (all those whose dilation offset is ``residue``) in ``n_segments`` segments from
+    ``first_segment`` on, each holding ``slots`` kept positions ``start + residue + j*r``. Any
+    (B, H, L, ...) tensor yields this set as a strided view, with no copy."""
 
     w: int
     r: int
     residue: int
+    first_head: int
     n_heads: int
     first_segment: int
     n_segments: int
@@ -251,7 +253,7 @@ class _SlotSet:
         batch_stride, head_stride, position_stride = tensor.stride()[:3]
         offset = (
             tensor.storage_offset()
-            + self.residue * head_stride
+            + self.first_head * head_stride
             + (self.first_segment * self.w + self.residue) * position_stride
         )
         shape = (self.n_segments, self.n_heads, self.slots, *tensor.shape[3:])
@@ -259,27 +261,69 @@ class _SlotSet:
         return [tensor.as_strided(shape, strides, offset + b * batch_stride) for b in range(tensor.shape[0])]
 
 
-def _slot_sets(w: int, r: int, length: int, heads: int) -> Iterator[_SlotSet]:
+def _slot_sets(w: int, r: int, length: int, heads: int, head_offset: int) -> Iterator[_SlotSet]:
     """The strided path's kernel calls for branch (w, r): per residue in use, the whole segments (at
     most ``MAX_SLOTS_PER_CALL`` slots a call, bounding the kernel's outputs) and then the segment cut
-    short by the end of the sequence."""
+    short by the end of the sequence. The tensors' heads are ``head_offset, head_offset + 1, ...`` of
+    the model (a slice of its heads), which sets their dilation offsets."""
     whole = length // w
     rest = length - whole * w
-    for residue in range(min(r, heads)):
-        n_heads = len(range(residue, heads, r))
+    for residue in range(r):
+        first_head = (residue - head_offset) % r
+        if first_head >= heads:
+            continue
+        n_heads = len(range(first_head, heads, r))
         slots = len(range(residue, w, r))
         per_call = max(1, MAX_SLOTS_PER_CALL // (slots * n_heads))
         for first in range(0, whole, per_call):
-            yield _SlotSet(w, r, residue, n_heads, first, min(per_call, whole - first), slots)
+            yield _SlotSet(w, r, residue, first_head, n_heads, first, min(per_call, whole - first), slots)
         if rest > residue:
-            yield _SlotSet(w, r, residue, n_heads, whole, 1, len(range(residue, rest, r)))
+            yield _SlotSet(w, r, residue, first_head, n_heads, whole, 1, len(range(residue, rest, r)))
 
 
-def _strided_calls(branches, length: int, heads: int, tensors: Sequence[torch.Tensor]) -> Iterator[list[tuple]]:
+def _strided_calls(
+    branches, length: int, heads: int, tensors: Sequence[torch.Tensor], head_offset: int = 0
+) -> Iterator[list[tuple]]:
     """For each kernel call of the strided path, the matching views of ``tensors``, one tuple per batch row."""
     for w, r in branches:
-        for slot_set in _slot_sets(w, r, length, heads):
+        for slot_set in _slot_sets(w, r, length, heads, head_offset):
             yield list(zip(*(slot_set.views(t) for t in tensors), strict=True))
+
+
+def add_strided_gradients(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    gradients: Sequence[torch.Tensor],
+    branches: Sequence[tuple[int, int]],
+    is_causal: bool,
+    scale: float,
+    head_offset: int = 0,
+    assign: bool = False,
+) -> None:
+    """Adds the query, key and value gradients of ``branches`` into ``gradients`` (three ``(B, H, L, D)``
+    tensors): one backward kernel call per branch and head residue on strided views, each recomputed
+    against the merged ``out`` and ``lse`` ``(B, H, L)``. Equal lengths, one key/value head per query
+    head; the heads are ``head_offset, head_offset + 1, ...`` of the model. With ``assign`` the
+    gradients are written instead (so they need no zeroing): one branch of rate 1, which covers every
+    position once."""
+    if assign and (len(branches) != 1 or branches[0][1] != 1):
+        raise ValueError(f"assign takes one branch of rate 1 (it must cover every position once), got {branches}")
+    _, kernel_backward = KERNELS[query.device.type]
+    batch, heads, length, _ = query.shape
+    tensors = (query, key, value, out, grad_out, lse, *gradients)
+    for call in _strided_calls(branches, length, heads, tensors, head_offset):
+        for q, k, v, call_out, call_grad, *call_rest in call:
+            call_lse, *call_gradients = call_rest
+            parts = kernel_backward(call_grad, q, k, v, call_out, call_lse.contiguous(), is_causal, None, scale)
+            for gradient, part in zip(call_gradients, parts, strict=True):
+                if assign:
+                    gradient.copy_(part)
+                else:
+                    gradient.add_(part)
 
 
 def _expand_heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
@@ -356,16 +400,10 @@ def fused_backward(
                 grad_v.view_as(grad_q_4d),
             )
         )
-        tensors = (query, _expand_heads(key, heads), _expand_heads(value, heads), out, grad_out)
-        tensors += (lse.view(batch, heads, q_len), grad_q_4d, grad_k_4d, grad_v_4d)
-        for call in _strided_calls(branches, q_len, heads, tensors):
-            for q, k, v, call_out, call_grad, call_lse, call_grad_q, call_grad_k, call_grad_v in call:
-                dq, dk, dv = kernel_backward(
-                    call_grad, q, k, v, call_out, call_lse.contiguous(), is_causal, None, scale
-                )
-                call_grad_q.add_(dq)
-                call_grad_k.add_(dk)
-                call_grad_v.add_(dv)
+        add_strided_gradients(
+            query, _expand_heads(key, heads), _expand_heads(value, heads), out, lse.view(batch, heads, q_len),
+            grad_out, (grad_q_4d, grad_k_4d, grad_v_4d), branches, is_causal, scale,
+        )  # fmt: skip
         if kv_heads != heads:  # sum each group's gradients back onto its key/value head
             group = heads // kv_heads
             grad_k.copy_(grad_k_4d.view(batch, kv_heads, group, k_len, head_dim).sum(2).view_as(grad_k))

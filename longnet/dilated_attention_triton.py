@@ -14,7 +14,9 @@ computes, per tile, the key/value gradients of a key block (64 or 128 rows: a la
 either the query gradient of the query block with the same index or (a launch setting, faster at
 D = 64) each query block's share of it inside the key/value loop, and adds them (atomically: a position belongs to
 several branches, and a key/value head serves ``group`` query heads) into float32 accumulators, taken
-a slice of heads at a time for long inputs (``ACCUMULATOR_BYTES``).
+a slice of heads at a time for long inputs (``ACCUMULATOR_BYTES``). Branches of low rate may instead
+take the device's own attention backward (flash on CUDA) on strided views of the inputs
+(``BACKWARD_FLASH_RATES``, a launch setting), adding into the same accumulators.
 
 Triton is optional: without it this module imports, ``AVAILABLE`` is False and the dispatcher never
 picks it. With ``TRITON_INTERPRET=1`` set before the import, the kernels run on CPU tensors through
@@ -28,6 +30,8 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+from .dilated_attention_sdpa import add_strided_gradients
 
 try:
     import triton
@@ -218,14 +222,17 @@ def _forward_kernel(
 
 @_jit
 def _branch_rows(TABLE, branch, bh, head, t, length):
-    """Which positions ``t`` of (batch row, head) ``bh`` take part in ``branch``, and their compact rows."""
-    w = tl.load(TABLE + branch * 5)
-    r = tl.load(TABLE + branch * 5 + 1)
+    """Which positions ``t`` of (batch row, head) ``bh`` take part in ``branch``, and their compact rows.
+    Positions, segment lengths and rates divide as 32-bit integers (64-bit division is emulated on GPUs);
+    only the compact row is 64-bit."""
+    w = tl.load(TABLE + branch * 5).to(tl.int32)
+    r = tl.load(TABLE + branch * 5 + 1).to(tl.int32)
     segments = tl.load(TABLE + branch * 5 + 2)
     slots = tl.load(TABLE + branch * 5 + 3)
     base = tl.load(TABLE + branch * 5 + 4)
-    takes_part = ((t % w) % r == head % r) & (t < length)
-    row = base + (bh.to(tl.int64) * segments + t // w) * slots + (t % w) // r
+    within = t % w
+    takes_part = (within % r == head % r) & (t < length)
+    row = base + (bh.to(tl.int64) * segments + t // w) * slots + within // r
     return takes_part, row
 
 
@@ -241,19 +248,21 @@ def _merge_kernel(
     b, head = bh // heads, bh % heads
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     dims = tl.arange(0, HEAD_DIM)
+    # One pass with a running maximum (flash attention's rescaling), so each branch's rows are found once.
     top = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-    for branch in range(n_branches):
-        takes_part, row = _branch_rows(TABLE, branch, bh, head, t, length)
-        top = tl.maximum(top, tl.load(BRANCH_LSE + row, mask=takes_part, other=float("-inf")))
-    top = tl.where(top == float("-inf"), 0.0, top)
     total = tl.zeros([BLOCK_T], dtype=tl.float32)
     acc = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
     for branch in range(n_branches):
         takes_part, row = _branch_rows(TABLE, branch, bh, head, t, length)
-        weight = tl.math.exp(tl.load(BRANCH_LSE + row, mask=takes_part, other=float("-inf")) - top)
+        branch_lse = tl.load(BRANCH_LSE + row, mask=takes_part, other=float("-inf"))
+        new_top = tl.maximum(top, branch_lse)
+        reference = tl.where(new_top == float("-inf"), 0.0, new_top)
+        rescale = tl.math.exp(top - reference)
+        weight = tl.math.exp(branch_lse - reference)
         part = tl.load(BRANCH_OUT + row[:, None] * HEAD_DIM + dims[None, :], mask=takes_part[:, None], other=0.0)
-        total += weight
-        acc += weight[:, None] * part.to(tl.float32)
+        total = total * rescale + weight
+        acc = acc * rescale[:, None] + weight[:, None] * part.to(tl.float32)
+        top = new_top
     covered = total > 0
     out = acc / tl.where(covered, total, 1.0)[:, None]
     lse = tl.where(covered, top + tl.math.log(tl.where(covered, total, 1.0)), float("-inf"))
@@ -415,7 +424,8 @@ MERGE_CONFIG = (32, 4)
 # What the sweep tries, by head size (the tests check every candidate against the reference). The
 # backward's untimed ones: smaller key blocks (more tiles, fewer registers per tile) and Triton's
 # tutorial flash attention backward's shape on Hopper (key block 128, query block 32, 4 warps, 5 stages).
-FORWARD_CANDIDATES = {64: [(64, 4, 3), (128, 4, 3)], 128: [(64, 8, 3)]}
+# The forward's untimed ones: two warp groups per 128-row tile (Hopper's wgmma takes 64 rows per warp group).
+FORWARD_CANDIDATES = {64: [(64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 3)], 128: [(64, 8, 3), (32, 8, 3)]}
 BACKWARD_CANDIDATES = {
     64: [
         (64, 64, 8, 3, True, 128),
@@ -428,6 +438,13 @@ BACKWARD_CANDIDATES = {
     128: [(32, 32, 8, 3, False, 128), (32, 32, 8, 3, True, 128), (32, 32, 4, 3, False, 64)],
 }
 MERGE_CANDIDATES = [(32, 4), (64, 4), (128, 4), (128, 8), (256, 8)]
+# By head size: branches whose rate is at most this take the backward of the device's own attention
+# kernel (on CUDA in half precision the flash kernel, whose backward ran at 1.5x the Triton backward's
+# FLOP rate on an H100 while the two forwards matched, at 32K) on strided views, one call per head
+# residue, instead of the Triton kernel; 0: none. Of the paper's branches' pairs, r = 1 has 48% and
+# r <= 2 72%. Only where each query head has its own key/value head (the calls' views need one per head).
+BACKWARD_FLASH_RATES = {64: 0, 128: 0}
+BACKWARD_FLASH_RATE_CANDIDATES = [0, 1, 2]
 # The most memory the backward's float32 gradient accumulators take at once: longer inputs are done a
 # slice of key/value heads (with their query heads) at a time, each slice cast to the input dtype
 # before the next starts (at 4M tokens, 12 heads, D = 64 all three would take 39 GB at once).
@@ -510,12 +527,15 @@ def backward(
     kv_heads = key.shape[1]
     group = heads // kv_heads
     lse = lse.contiguous()
-    delta = torch.empty_like(lse)
-    block_t, warps = MERGE_CONFIG
-    _delta_kernel[(triton.cdiv(length, block_t), batch * heads)](
-        out, grad_out, delta, heads, length, *_strides(out), *_strides(grad_out), HEAD_DIM=head_dim, BLOCK_T=block_t,
-        **_launch_options(warps, 1),
-    )  # fmt: skip
+    flash = [rate <= _config(BACKWARD_FLASH_RATES, head_dim) and group == 1 for _, rate in branches]
+    delta = None
+    if not all(flash):  # the Triton kernel's softmax correction term (the flash calls make their own)
+        delta = torch.empty_like(lse)
+        block_t, warps = MERGE_CONFIG
+        _delta_kernel[(triton.cdiv(length, block_t), batch * heads)](
+            out, grad_out, delta, heads, length, *_strides(out), *_strides(grad_out), HEAD_DIM=head_dim,
+            BLOCK_T=block_t, **_launch_options(warps, 1),
+        )  # fmt: skip
     grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
     accumulator_bytes = 4 * batch * length * head_dim * (group + 2)  # of one key/value head and its queries
     kv_slice = max(1, min(kv_heads, ACCUMULATOR_BYTES // accumulator_bytes))
@@ -523,17 +543,45 @@ def backward(
         kv_heads_here = slice(kv_start, min(kv_start + kv_slice, kv_heads))
         heads_here = slice(kv_heads_here.start * group, kv_heads_here.stop * group)
         _backward_slice(
-            *(x[:, heads_here] for x in (query, grad_out, lse, delta, grad_q)),
+            *(None if x is None else x[:, heads_here] for x in (query, out, grad_out, lse, delta, grad_q)),
             *(x[:, kv_heads_here] for x in (key, value, grad_k, grad_v)),
-            heads_here.start, branches, is_causal, scale,
+            heads_here.start, branches, flash, is_causal, scale,
         )  # fmt: skip
     return grad_q, grad_k, grad_v
 
 
 def _backward_slice(
-    query, grad_out, lse, delta, grad_q, key, value, grad_k, grad_v, first_head, branches, is_causal, scale
+    query, out, grad_out, lse, delta, grad_q, key, value, grad_k, grad_v, first_head, branches, flash, is_causal, scale
 ) -> None:
-    """The backward launch for a slice of the heads, its float32 accumulators cast into the gradients."""
+    """The backward for a slice of the heads: the ``flash`` branches through the device kernel's backward,
+    the others in one Triton launch, into float32 accumulators cast into the gradients."""
+    flash_branches = [branch for branch, by_flash in zip(branches, flash, strict=True) if by_flash]
+    kernel_branches = [branch for branch, by_flash in zip(branches, flash, strict=True) if not by_flash]
+    # A branch of rate 1 covers every position once: its gradients are written, not added to zeros.
+    covering = next((branch for branch in flash_branches if branch[1] == 1), None)
+    new = torch.zeros_like if covering is None else torch.empty_like
+    accumulators = [new(x, dtype=torch.float32) for x in (query, key, value)]
+    if accumulators[1].stride() != accumulators[2].stride():  # the kernel adds both through one set of strides
+        accumulators[2] = new(accumulators[1])
+    if covering is not None:
+        flash_branches.remove(covering)
+        add_strided_gradients(
+            query, key, value, out, lse, grad_out, accumulators, [covering], is_causal, scale, first_head, assign=True
+        )
+    if flash_branches:
+        add_strided_gradients(
+            query, key, value, out, lse, grad_out, accumulators, flash_branches, is_causal, scale, first_head
+        )
+    if kernel_branches:
+        _launch_backward(
+            query, grad_out, lse, delta, key, value, accumulators, first_head, kernel_branches, is_causal, scale
+        )
+    for gradient, accumulator in zip((grad_q, grad_k, grad_v), accumulators, strict=True):
+        gradient.copy_(accumulator)
+
+
+def _launch_backward(query, grad_out, lse, delta, key, value, accumulators, first_head, branches, is_causal, scale):
+    """The Triton backward over ``branches``, adding into the float32 ``accumulators``."""
     batch, heads, length, head_dim = query.shape
     block_m1, block_n2, warps, stages, dq_in_kv_loop, block = _config(BACKWARD_CONFIGS, head_dim)
     if block % block_m1:  # the key/value loop's masked diagonal step must end on the key block's end
@@ -541,9 +589,6 @@ def _backward_slice(
             f"BACKWARD_CONFIGS: the key block ({block}) must be a multiple of the query block ({block_m1})"
         )
     table, tiles = _plan(batch, heads, length, tuple(branches), first_head, block).tensors(query.device)
-    accumulators = [torch.zeros_like(x, dtype=torch.float32) for x in (query, key, value)]
-    if accumulators[1].stride() != accumulators[2].stride():  # the kernel adds both through one set of strides
-        accumulators[2] = torch.zeros_like(accumulators[1])
     accumulate_q, accumulate_k, accumulate_v = accumulators
     _backward_kernel[(tiles.shape[0],)](
         query, key, value, grad_out, lse, delta, accumulate_q, accumulate_k, accumulate_v, table, tiles,
@@ -553,5 +598,3 @@ def _backward_slice(
         IS_CAUSAL=is_causal, HEAD_DIM=head_dim, BLOCK=block, BLOCK_M1=block_m1, BLOCK_N2=block_n2,
         PRECISION=_precision(query), DQ_IN_KV_LOOP=dq_in_kv_loop, **_launch_options(warps, stages),
     )  # fmt: skip
-    for gradient, accumulator in zip((grad_q, grad_k, grad_v), accumulators, strict=True):
-        gradient.copy_(accumulator)

@@ -85,8 +85,8 @@ def sweep(name, head_dim, options, apply, backward, rounds=2):
     print(f"D={head_dim} {name}: {best} (ms, sum of 32K and 128K, per round)", json.dumps(results), flush=True)
 
 
-# The candidates and what their fields are: FORWARD_CANDIDATES, MERGE_CANDIDATES and BACKWARD_CANDIDATES
-# in longnet/dilated_attention_triton.py (the tests check each against the reference).
+# The candidates and what their fields are: FORWARD_CANDIDATES, MERGE_CANDIDATES, BACKWARD_CANDIDATES and
+# BACKWARD_FLASH_RATE_CANDIDATES in longnet/dilated_attention_triton.py (the tests check each against the reference).
 deadline = time.time() + 140  # the sweep's share of the run; options past it are not tried again
 for head_dim in (64, 128):
     sweep("forward", head_dim, triton_path.FORWARD_CANDIDATES[head_dim],
@@ -95,6 +95,8 @@ for head_dim in (64, 128):
         sweep("merge", head_dim, triton_path.MERGE_CANDIDATES, lambda o: setattr(triton_path, "MERGE_CONFIG", o), False)
     sweep("backward", head_dim, triton_path.BACKWARD_CANDIDATES[head_dim],
           lambda o: triton_path.BACKWARD_CONFIGS.update({head_dim: o}), True)
+    sweep("backward flash rate", head_dim, triton_path.BACKWARD_FLASH_RATE_CANDIDATES,
+          lambda o: triton_path.BACKWARD_FLASH_RATES.update({head_dim: o}), True)
 
 # Fixed costs at a short length: CPU time to queue a call (no waiting) against the call's wall time.
 q, k, v = (torch.randn(1, 12, 8192, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

@@ -212,6 +212,33 @@ def test_triton_backward_one_head_slice_at_a_time(head_dim, monkeypatch):
         assert (grad.double() - ref_grad).norm() / ref_grad.norm() < (1e-5 if dtype == torch.float32 else 0.02)
 
 
+@pytest.mark.skipif(not HAS_TRITON_PATH, reason="needs triton (and CUDA or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+@pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("rate", [1, 2, 3])
+def test_triton_backward_hands_low_rate_branches_to_the_device_kernel(rate, is_causal, dtype, monkeypatch):
+    """The GPU sweep may give the branches of low rates (BACKWARD_FLASH_RATES) to the device kernel's
+    backward (flash on CUDA, the CPU flash kernel here) and the rest to the Triton kernel, both adding
+    into one set of accumulators (rate 3: no Triton launch at all). Against the reference, with a ragged
+    last segment, w % r != 0, one head per slice (odd first heads keep their dilation offsets), the
+    model's (B, L, H, D) storage, and grouped-query inputs (which stay on the Triton kernel)."""
+    monkeypatch.setitem(triton_path.BACKWARD_FLASH_RATES, 16, rate)
+    monkeypatch.setattr(triton_path, "ACCUMULATOR_BYTES", 1)
+    branches = [(32, 1), (64, 2), (90, 3)]
+    segments, rates = zip(*branches, strict=True)
+    for kv_heads in (5, 1):
+        inputs = make_inputs(2, 5, kv_heads, 100, 100, 16, dtype, TRITON_DEVICE)
+        inputs = [x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in inputs]
+        out = dilated_attention(*inputs, segments, rates, is_causal=is_causal, backend="triton")
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+        ref_out = reference_attention(*inputs, branches, is_causal)[0]
+        ref_grads = torch.autograd.grad(ref_out, inputs, grad_out.double())
+        for grad, ref_grad, tensor in zip(grads, ref_grads, inputs, strict=True):
+            assert grad.stride() == tensor.stride()
+            assert (grad.double() - ref_grad).norm() / ref_grad.norm() < (1e-5 if dtype == torch.float32 else 0.02)
+
+
 LAUNCH_CANDIDATES = (
     [("forward", d, c) for d, cs in triton_path.FORWARD_CANDIDATES.items() for c in cs]
     + [("merge", 64, c) for c in triton_path.MERGE_CANDIDATES]
