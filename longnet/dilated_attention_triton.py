@@ -442,9 +442,10 @@ MERGE_CANDIDATES = [(32, 4), (64, 4), (128, 4), (128, 8), (256, 8)]
 # kernel (on CUDA in half precision the flash kernel, whose backward ran at 1.5x the Triton backward's
 # FLOP rate on an H100 while the two forwards matched, at 32K) on strided views, one call per head
 # residue, instead of the Triton kernel; 0: none. Of the paper's branches' pairs, r = 1 has 48% and
-# r <= 2 72%. Only where each query head has its own key/value head (the calls' views need one per head).
+# r <= 2 72%, r <= 4 84% (12: all, as the sdpa path's backward, one call per branch and residue). Only
+# where each query head has its own key/value head (the calls' views need one per head).
 BACKWARD_FLASH_RATES = {64: 0, 128: 0}
-BACKWARD_FLASH_RATE_CANDIDATES = [0, 1, 2]
+BACKWARD_FLASH_RATE_CANDIDATES = [0, 1, 2, 4, 12]
 # The most memory the backward's float32 gradient accumulators take at once: longer inputs are done a
 # slice of key/value heads (with their query heads) at a time, each slice cast to the input dtype
 # before the next starts (at 4M tokens, 12 heads, D = 64 all three would take 39 GB at once).
