@@ -331,6 +331,18 @@ def _expand_heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     return tensor if tensor.shape[1] == heads else tensor.repeat_interleave(heads // tensor.shape[1], dim=1)
 
 
+def split_covering(
+    branches: Sequence[tuple[int, int]],
+) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
+    """The first branch of rate 1 and the others (``None`` and all of them when there is none). A branch
+    of rate 1 covers every position once: its outputs and gradients can be written where the others'
+    are merged or added, so nothing has to be zeroed first (on CPU, 2% of a 32K forward+backward)."""
+    for index, (w, r) in enumerate(branches):
+        if r == 1:
+            return (w, r), [*branches[:index], *branches[index + 1 :]]
+    return None, list(branches)
+
+
 def fused_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, branches, is_causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,13 +352,23 @@ def fused_forward(
     batch, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     compute_dtype = torch.promote_types(query.dtype, torch.float32)
-    out = query.new_zeros(batch, heads * q_len, head_dim, dtype=compute_dtype)
-    lse = query.new_full((batch, heads * q_len), float("-inf"), dtype=compute_dtype)
+    covering, others = split_covering(branches) if q_len == k_len else (None, list(branches))
+    if covering is None:
+        out = query.new_zeros(batch, heads * q_len, head_dim, dtype=compute_dtype)
+        lse = query.new_full((batch, heads * q_len), float("-inf"), dtype=compute_dtype)
+    else:
+        out = query.new_empty(batch, heads * q_len, head_dim, dtype=compute_dtype)
+        lse = query.new_empty(batch, heads * q_len, dtype=compute_dtype)
     if q_len == k_len:
         # Strided path: the kernel reads each branch's kept positions in place, no gathered copies.
-        out_4d, lse_3d = out.view(batch, heads, q_len, head_dim), lse.view(batch, heads, q_len)
-        key, value = _expand_heads(key, heads), _expand_heads(value, heads)
-        for call in _strided_calls(branches, q_len, heads, (query, key, value, out_4d, lse_3d)):
+        tensors = (query, _expand_heads(key, heads), _expand_heads(value, heads))
+        tensors += (out.view(batch, heads, q_len, head_dim), lse.view(batch, heads, q_len))
+        for call in _strided_calls([covering] if covering else [], q_len, heads, tensors):
+            for q, k, v, call_out, call_lse in call:
+                branch_out, branch_lse = kernel_forward(q, k, v, is_causal, None, scale)
+                call_out.copy_(branch_out)
+                call_lse.copy_(branch_lse)
+        for call in _strided_calls(others, q_len, heads, tensors):
             for q, k, v, call_out, call_lse in call:
                 branch_out, branch_lse = kernel_forward(q, k, v, is_causal, None, scale)
                 merge_into(call_out, call_lse, branch_out, branch_lse)
@@ -387,23 +409,26 @@ def fused_backward(
     _, kernel_backward = KERNELS[query.device.type]
     batch, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
-    grad_q = torch.zeros(batch, heads * q_len, head_dim, dtype=lse.dtype, device=query.device)
-    grad_k = torch.zeros(batch, kv_heads * k_len, head_dim, dtype=lse.dtype, device=query.device)
-    grad_v = torch.zeros_like(grad_k)
+    covering, others = split_covering(branches) if q_len == k_len else (None, list(branches))
+    new = torch.zeros if covering is None else torch.empty
+    grad_q = new(batch, heads * q_len, head_dim, dtype=lse.dtype, device=query.device)
+    grad_k = new(batch, kv_heads * k_len, head_dim, dtype=lse.dtype, device=query.device)
+    grad_v = new(batch, kv_heads * k_len, head_dim, dtype=lse.dtype, device=query.device)
     if q_len == k_len:
         grad_q_4d = grad_q.view(batch, heads, q_len, head_dim)
         grad_k_4d, grad_v_4d = (
-            (torch.zeros_like(grad_q_4d) for _ in range(2))
+            (new(grad_q_4d.shape, dtype=lse.dtype, device=query.device) for _ in range(2))
             if kv_heads != heads
             else (
                 grad_k.view_as(grad_q_4d),
                 grad_v.view_as(grad_q_4d),
             )
         )
-        add_strided_gradients(
-            query, _expand_heads(key, heads), _expand_heads(value, heads), out, lse.view(batch, heads, q_len),
-            grad_out, (grad_q_4d, grad_k_4d, grad_v_4d), branches, is_causal, scale,
-        )  # fmt: skip
+        tensors = (query, _expand_heads(key, heads), _expand_heads(value, heads), out, lse.view(batch, heads, q_len))
+        gradients = (grad_q_4d, grad_k_4d, grad_v_4d)
+        if covering is not None:
+            add_strided_gradients(*tensors, grad_out, gradients, [covering], is_causal, scale, assign=True)
+        add_strided_gradients(*tensors, grad_out, gradients, others, is_causal, scale)
         if kv_heads != heads:  # sum each group's gradients back onto its key/value head
             group = heads // kv_heads
             grad_k.copy_(grad_k_4d.view(batch, kv_heads, group, k_len, head_dim).sum(2).view_as(grad_k))

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .dilated_attention_sdpa import add_strided_gradients
+from .dilated_attention_sdpa import add_strided_gradients, split_covering
 
 try:
     import triton
@@ -556,23 +556,19 @@ def _backward_slice(
 ) -> None:
     """The backward for a slice of the heads: the ``flash`` branches through the device kernel's backward,
     the others in one Triton launch, into float32 accumulators cast into the gradients."""
-    flash_branches = [branch for branch, by_flash in zip(branches, flash, strict=True) if by_flash]
+    covering, flash_branches = split_covering(
+        [branch for branch, by_flash in zip(branches, flash, strict=True) if by_flash]
+    )
     kernel_branches = [branch for branch, by_flash in zip(branches, flash, strict=True) if not by_flash]
-    # A branch of rate 1 covers every position once: its gradients are written, not added to zeros.
-    covering = next((branch for branch in flash_branches if branch[1] == 1), None)
     new = torch.zeros_like if covering is None else torch.empty_like
     accumulators = [new(x, dtype=torch.float32) for x in (query, key, value)]
     if accumulators[1].stride() != accumulators[2].stride():  # the kernel adds both through one set of strides
         accumulators[2] = new(accumulators[1])
+    tensors = (query, key, value, out, lse, grad_out, accumulators)
     if covering is not None:
-        flash_branches.remove(covering)
-        add_strided_gradients(
-            query, key, value, out, lse, grad_out, accumulators, [covering], is_causal, scale, first_head, assign=True
-        )
+        add_strided_gradients(*tensors, [covering], is_causal, scale, first_head, assign=True)
     if flash_branches:
-        add_strided_gradients(
-            query, key, value, out, lse, grad_out, accumulators, flash_branches, is_causal, scale, first_head
-        )
+        add_strided_gradients(*tensors, flash_branches, is_causal, scale, first_head)
     if kernel_branches:
         _launch_backward(
             query, grad_out, lse, delta, key, value, accumulators, first_head, kernel_branches, is_causal, scale
