@@ -268,7 +268,7 @@ def _slot_sets(w: int, r: int, length: int, heads: int, head_offset: int) -> Ite
     the model (a slice of its heads), which sets their dilation offsets."""
     whole = length // w
     rest = length - whole * w
-    for residue in range(r):
+    for residue in range(min(r, w)):  # a rate above the segment length keeps no position at offsets >= w
         first_head = (residue - head_offset) % r
         if first_head >= heads:
             continue

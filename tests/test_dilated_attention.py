@@ -39,6 +39,7 @@ CASES = {
     "segment-longer-than-sequence": (1, 4, 2, 30, 30, [(8, 1), (64, 2)]),
     "w-not-multiple-of-r": (1, 6, 6, 70, 70, [(16, 6), (32, 12), (8, 1)]),
     "r-greater-than-heads": (2, 2, 1, 40, 40, [(16, 3), (32, 5)]),
+    "r-greater-than-w": (1, 8, 8, 40, 40, [(4, 8), (16, 1)]),  # heads 4-7 keep nothing in the first branch
     "gqa": (1, 8, 2, 33, 33, [(8, 2), (16, 4)]),
     "mqa": (2, 6, 1, 33, 33, [(4, 1), (16, 4), (64, 8)]),
     "kv-cache-one-query": (2, 4, 2, 1, 53, [(8, 1), (16, 2), (32, 6)]),
@@ -215,23 +216,29 @@ def test_triton_backward_one_head_slice_at_a_time(head_dim, monkeypatch):
 @pytest.mark.skipif(not HAS_TRITON_PATH, reason="needs triton (and CUDA or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("rate", [1, 2, 3])
+@pytest.mark.parametrize("rate", triton_path.BACKWARD_FLASH_RATE_CANDIDATES[1:])
 def test_triton_backward_hands_low_rate_branches_to_the_device_kernel(rate, is_causal, dtype, monkeypatch):
-    """The GPU sweep may give the branches of low rates (BACKWARD_FLASH_RATES) to the device kernel's
-    backward (flash on CUDA, the CPU flash kernel here) and the rest to the Triton kernel, both adding
-    into one set of accumulators (rate 3: no Triton launch at all). Against the reference, with a ragged
-    last segment, w % r != 0, one head per slice (odd first heads keep their dilation offsets), the
-    model's (B, L, H, D) storage, and grouped-query inputs (which stay on the Triton kernel)."""
+    """The GPU sweep may give the branches of low rates (BACKWARD_FLASH_RATES, every candidate) to the
+    device kernel's backward (flash on CUDA, the CPU flash kernel here) and the rest to the Triton kernel,
+    both adding into one set of accumulators (rates from 3 on: no Triton launch at all). Against the
+    reference, with a ragged last segment, w % r != 0, one head per slice (odd first heads keep their
+    dilation offsets), the model's (B, L, H, D) storage, and grouped-query inputs, which stay on the
+    Triton kernel: the profiler shows the device kernel's backward ran exactly when it should."""
     monkeypatch.setitem(triton_path.BACKWARD_FLASH_RATES, 16, rate)
     monkeypatch.setattr(triton_path, "ACCUMULATOR_BYTES", 1)
-    branches = [(32, 1), (64, 2), (90, 3)]
+    branches = [(32, 1), (64, 2), (91, 3)]
     segments, rates = zip(*branches, strict=True)
     for kv_heads in (5, 1):
         inputs = make_inputs(2, 5, kv_heads, 100, 100, 16, dtype, TRITON_DEVICE)
         inputs = [x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in inputs]
         out = dilated_attention(*inputs, segments, rates, is_causal=is_causal, backend="triton")
         grad_out = torch.randn_like(out)
-        grads = torch.autograd.grad(out, inputs, grad_out)
+        with torch.profiler.profile() as profile:
+            grads = torch.autograd.grad(out, inputs, grad_out)
+        device_kernel_ran = any(
+            "scaled_dot_product" in event.key and "backward" in event.key for event in profile.key_averages()
+        )
+        assert device_kernel_ran == (kv_heads == 5)
         ref_out = reference_attention(*inputs, branches, is_causal)[0]
         ref_grads = torch.autograd.grad(ref_out, inputs, grad_out.double())
         for grad, ref_grad, tensor in zip(grads, ref_grads, inputs, strict=True):
@@ -521,3 +528,17 @@ def test_fused_operator_passes_torch_library_opcheck(backend):
     for inputs in ([q, k, v], transposed):
         inputs = [x.requires_grad_() for x in inputs]
         torch.library.opcheck(fused_attention, (*inputs, [8, 16], [1, 2], True, 0.25, backend))
+
+
+def test_writing_gradients_is_refused_for_branches_that_do_not_cover_every_position():
+    """add_strided_gradients(assign=True) writes instead of adding: only a single branch of rate 1 covers
+    every position once; anything else would leave rows unwritten, so it is a clear error."""
+    from longnet.dilated_attention_sdpa import add_strided_gradients
+
+    q, k, v = make_inputs(1, 2, 2, 16, 16, 8, torch.float32)
+    lse = torch.zeros(1, 2, 16)
+    gradients = [torch.zeros_like(q) for _ in range(3)]
+    for branches in ([(8, 2)], [(8, 1), (16, 1)]):
+        with pytest.raises(ValueError, match="assign takes one branch of rate 1"):
+            add_strided_gradients(q, k, v, q, lse, q, gradients, branches, True, 0.3, assign=True)
+        assert all(not gradient.any() for gradient in gradients)  # nothing written
