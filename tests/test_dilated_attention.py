@@ -5,6 +5,8 @@ sets TRITON_INTERPRET=1 on machines without CUDA, tests/conftest.py), and on a G
 paths on CUDA tensors.
 """
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -291,6 +293,55 @@ def test_a_backward_key_block_the_query_block_does_not_divide_is_refused(monkeyp
     out = dilated_attention(*inputs, [16], [1], backend="triton")
     with pytest.raises(ValueError, match="key block .64. must be a multiple of the query block .128."):
         out.sum().backward()
+
+
+def random_case(seed: int) -> tuple:
+    """A random ``(batch, heads, kv_heads, q_len, k_len, branches, is_causal)``: 1-4 branches with w up to
+    40 and r up to 10 (so r > w, r > heads, w % r != 0 and w > L all occur), MHA/GQA/MQA, and a query
+    block shorter than the keys (a KV cache) a third of the time."""
+    rng = random.Random(seed)
+    kv_heads = rng.choice([1, 2, 3])
+    heads = kv_heads * rng.choice([1, 2, 3])
+    branches = [(rng.randint(1, 40), rng.randint(1, 10)) for _ in range(rng.randint(1, 4))]
+    k_len = rng.randint(1, 90)
+    q_len = rng.randint(1, k_len) if rng.random() < 1 / 3 else k_len
+    return rng.randint(1, 2), heads, kv_heads, q_len, k_len, branches, rng.random() < 0.7
+
+
+# (backend, device, dtype, configurations, tolerance): float64 where the path takes it; Triton in float32.
+RANDOM_PATHS = [("eager", "cpu", torch.float64, 60, 1e-10), ("sdpa", "cpu", torch.float64, 60, 1e-10),
+                ("gathered", "cpu", torch.float64, 60, 1e-10)]  # fmt: skip
+if HAS_TRITON_PATH:
+    RANDOM_PATHS.append(("triton", TRITON_DEVICE, torch.float32, 20, 1e-4))
+
+
+@pytest.mark.parametrize("backend, device, dtype, count, tolerance", RANDOM_PATHS, ids=lambda x: str(x))
+def test_random_configurations_match_reference(backend, device, dtype, count, tolerance):
+    """Beyond the named cases: random configurations a path takes (gathered: query blocks of at most 16;
+    triton: equal lengths), output, log-sum-exp and gradients against the reference."""
+    tried = 0
+    for seed in range(500):
+        batch, heads, kv_heads, q_len, k_len, branches, is_causal = random_case(seed)
+        if (backend == "gathered" and q_len > 16) or (backend == "triton" and q_len != k_len):
+            continue
+        tried += 1
+        inputs = [x.requires_grad_() for x in make_inputs(batch, heads, kv_heads, q_len, k_len, 16, dtype, device)]
+        segments, rates = zip(*branches, strict=True)
+        out, lse = dilated_attention(*inputs, segments, rates, is_causal=is_causal, backend=backend, return_lse=True)
+        ref_out, ref_lse = reference_attention(*inputs, branches, is_causal)
+        grad_out = torch.randn_like(ref_out)
+        grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+        ref_grads = torch.autograd.grad(ref_out, inputs, grad_out)
+        for got, expected in zip((out, *grads), (ref_out, *ref_grads), strict=True):
+            torch.testing.assert_close(
+                got.double(), expected.double(), atol=tolerance, rtol=0, msg=lambda m, seed=seed: f"seed {seed}: {m}"
+            )
+        assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), f"seed {seed}"
+        finite = torch.isfinite(ref_lse)
+        torch.testing.assert_close(lse.double()[finite], ref_lse[finite].detach(), atol=tolerance, rtol=0)
+        if tried == count:
+            break
+    assert tried == count
 
 
 @pytest.mark.parametrize("backend", FP64_BACKENDS)
