@@ -1,8 +1,9 @@
 """Teacher-forced copying of repeated random spans by a model folder (needs repeats.patch applied).
 
 python probe_repeats.py MODEL: 24 blocks of 1024 random tokens, each with one or two repeat episodes;
-prints, by whether the predicting position and the span's copy share a local segment (the first branch)
-and whether one attention step reads the copy (``sees_directly``), how many repeated tokens it predicts.
+prints, by whether the predicting position and the span's copy share a local segment (the first branch;
+256 tokens for a dense model) and whether one attention step reads the copy (``sees_directly``), how many
+repeated tokens it predicts.
 """
 
 import random
@@ -18,7 +19,8 @@ from longnet.passkey import plant_passkeys, sees_directly
 path = sys.argv[1]
 tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-config, local = model.config, model.config.segment_lengths[0]
+config = model.config
+local = getattr(config, "segment_lengths", [256])[0]  # a dense model: LongNet's shortest segment
 rng = random.Random(0)
 blocks = datasets.Dataset.from_dict({"input_ids": [[rng.randrange(4, 4000) for _ in range(1024)] for _ in range(24)]})
 planted = plant_passkeys(blocks, tokenizer, 1.0, 123, episodes=2, config=config, repeats=1.0)
