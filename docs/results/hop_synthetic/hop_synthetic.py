@@ -1,0 +1,134 @@
+"""Is the cross-residue hop learnable at all? Induction on random tokens, dense against LongNet.
+
+python hop_synthetic.py OUT_DIR [--steps N]: trains 2-layer models from scratch on sequences of 256 random
+tokens (vocabulary 256) holding a span of 24-48 tokens and, at least 32 tokens after it (so never in the
+same local segment), the span again; the loss is on the repeat's tokens after its first (each predicted
+from the token before it: an induction step).
+The distance's parity is set per run: odd, the copy of each predicted token sits at the predicting
+position's residue mod 2 (LongNet's r = 2 branch reads it in one step, as "1 copy read" in the pass-key
+analysis); even, at the other residue (the hop: "0 copies read"). The same models on the same batches:
+a Llama (dense) and a LongNet with w = 32, 256 and r = 1, 2 (a local branch and one r = 2 branch over the
+whole sequence). Writes OUT_DIR/hop_synthetic.{json,md} and prints the held-out accuracy on the repeated
+tokens every 100 steps, all and split by the predicting position's parity; --kinds and --distances pick runs,
+--seed the initial weights and training batches (the held-out batches stay), --heads the heads,
+--local_segment the local branch's segment length.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from longnet import LongNetConfig, LongNetForCausalLM
+from longnet.passkey import sees_directly
+
+LENGTH, VOCAB, BATCH = 256, 256, 32
+SIZE = dict(
+    vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=LENGTH, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+)  # fmt: skip
+BRANCHES = dict(segment_lengths=[32, 256], dilation_rates=[1, 2])
+
+
+def batch(generator: torch.Generator, parity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens with a span repeated at a distance of the given parity; labels -100 but on the repeat."""
+    ids = torch.randint(VOCAB, (BATCH, LENGTH), generator=generator)
+    labels = torch.full_like(ids, -100)
+    for row in range(BATCH):
+        span = int(torch.randint(24, 49, (), generator=generator))
+        first = int(torch.randint(0, LENGTH // 2 - span, (), generator=generator))
+        low = first + span + 32  # the repeat starts beyond the span's local segment, anywhere it still fits
+        start = int(torch.randint(low, LENGTH - span + 1, (), generator=generator))
+        if (start - first) % 2 != parity:
+            start += 1 if start + span < LENGTH else -1
+        ids[row, start : start + span] = ids[row, first : first + span]
+        labels[row, start + 1 : start + span] = ids[row, start + 1 : start + span]
+    return ids, labels
+
+
+def model_of(kind: str, seed: int, heads: int, local: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    size = {**SIZE, "num_attention_heads": heads}
+    if kind == "dense":
+        return LlamaForCausalLM(LlamaConfig(**size, attn_implementation="sdpa"))
+    return LongNetForCausalLM(LongNetConfig(**size, **{**BRANCHES, "segment_lengths": [local, LENGTH]}))
+
+
+def accuracy(model: torch.nn.Module, held_out: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """Accuracy on the repeated tokens: all, then those predicted at even and at odd positions (in a LongNet's
+    r = 2 branch, two disjoint sets of heads)."""
+    right, total = torch.zeros(3), torch.zeros(3)
+    with torch.no_grad():
+        for ids, labels in held_out:
+            correct = model(ids).logits[:, :-1].argmax(-1) == labels[:, 1:]
+            scored = labels[:, 1:] != -100
+            even = (torch.arange(LENGTH - 1) % 2 == 0).expand_as(scored)
+            for i, where in enumerate((scored, scored & even, scored & ~even)):
+                right[i] += correct[where].sum()
+                total[i] += where.sum()
+    return (right / total).tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--kinds", nargs="+", default=["dense", "longnet"], choices=["dense", "longnet"])
+    parser.add_argument("--distances", nargs="+", default=["odd", "even"], choices=["odd", "even"])
+    parser.add_argument("--seed", type=int, default=0, help="of the initial weights and the training batches")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (hidden size 128 either way)")
+    parser.add_argument("--local_segment", type=int, default=32, help="LongNet's local segment length (at most 32)")
+    args = parser.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    longnet_config = LongNetConfig(**SIZE, **BRANCHES)
+    # The parity check: odd distances put every predicted token's copy where the r = 2 branch reads it.
+    for parity, readable in ((1, True), (0, False)):
+        ids, labels = batch(torch.Generator().manual_seed(1), parity)
+        row = ids[0].tolist()
+        at = next(i for i in range(1, LENGTH) if labels[0, i] != -100) - 1  # predicts labels[0, at + 1]
+        copy = next(j for j in range(at) if row[j : j + 2] == row[at : at + 2]) + 1
+        assert sees_directly(longnet_config, at, copy) == readable, (parity, at, copy)
+    results: dict[str, list[tuple[int, list[float]]]] = {}
+    for parity, name in ((1, "odd"), (0, "even")):
+        if name not in args.distances:
+            continue
+        held_out = [batch(torch.Generator().manual_seed(10_000 + i), parity) for i in range(4)]
+        for kind in args.kinds:
+            model = model_of(kind, args.seed, args.heads, args.local_segment)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+            generator = torch.Generator().manual_seed(args.seed)
+            curve, begin = [(0, accuracy(model.eval(), held_out))], time.perf_counter()
+            for step in range(1, args.steps + 1):
+                model.train()
+                ids, labels = batch(generator, parity)
+                for group in optimizer.param_groups:
+                    group["lr"] = 1e-3 * min(1.0, step / 100)
+                loss = model(ids, labels=labels).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if step % 100 == 0:
+                    curve.append((step, accuracy(model.eval(), held_out)))
+                    shown = " / ".join(f"{x:.3f}" for x in curve[-1][1])
+                    print(f"{kind:8s} {name:4s} step {step:5d} loss {loss.item():.3f} accuracy all / at even / at odd "
+                          f"positions {shown} ({time.perf_counter() - begin:.0f} s)", flush=True)  # fmt: skip
+            results[f"{kind}, {name} distance"] = curve
+    (args.out_dir / "hop_synthetic.json").write_text(json.dumps(results, indent=1))
+    steps = [step for step, _ in next(iter(results.values()))]
+    lines = [
+        "Accuracy on the repeated tokens, held out: all (at even / at odd predicting positions).",
+        "",
+        "| step | " + " | ".join(results) + " |",
+        "|---:|" + "---:|" * len(results),
+        *(f"| {step} | " + " | ".join("{:.2f} ({:.2f} / {:.2f})".format(*curve[i][1]) for curve in results.values())
+          + " |" for i, step in enumerate(steps)),
+    ]  # fmt: skip
+    (args.out_dir / "hop_synthetic.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
