@@ -1,17 +1,16 @@
 """Is the cross-residue hop learnable at all? Induction on random tokens, dense against LongNet.
 
 python hop_synthetic.py OUT_DIR [--steps N]: trains 2-layer models from scratch on sequences of 256 random
-tokens (vocabulary 256) holding a span of 24-48 tokens and, at least 32 tokens after it (so never in the
-same local segment), the span again; the loss is on the repeat's tokens after its first (each predicted
-from the token before it: an induction step).
-The distance's parity is set per run: odd, the copy of each predicted token sits at the predicting
-position's residue mod 2 (LongNet's r = 2 branch reads it in one step, as "1 copy read" in the pass-key
-analysis); even, at the other residue (the hop: "0 copies read"). The same models on the same batches:
-a Llama (dense) and a LongNet with w = 32, 256 and r = 1, 2 (a local branch and one r = 2 branch over the
-whole sequence). Writes OUT_DIR/hop_synthetic.{json,md} and prints the held-out accuracy on the repeated
-tokens every 100 steps, all and split by the predicting position's parity; --kinds and --distances pick runs,
---seed the initial weights and training batches (the held-out batches stay), --heads the heads,
---local_segment the local branch's segment length.
+tokens (vocabulary 256) holding a span of 24-48 tokens and, at least 32 tokens after it (so never in the same
+local segment), the span again; the loss is on the repeat's tokens after its first (each predicted from the
+token before it: an induction step). The distance's parity is set per run: odd, the copy of each predicted
+token sits at the predicting position's residue mod 2 (LongNet's r = 2 branch reads it in one step, as "1 copy
+read" in the pass-key analysis); even, at the other residue (the hop: "0 copies read"). The same models on the
+same batches: a Llama (dense) and a LongNet with w = 32, 256 and r = 1, 2 (a local branch and one r = 2 branch
+over the whole sequence). Writes OUT_DIR/hop_synthetic.{json,md} and prints the held-out accuracy on the
+repeated tokens every 100 steps, all and split by the predicting position's parity; --kinds and --distances
+pick runs, --seed the initial weights and training batches (the held-out batches stay), --heads the heads,
+--local_segment the local branch's segment length, --layers the depth.
 """
 
 import argparse
@@ -49,9 +48,9 @@ def batch(generator: torch.Generator, parity: int) -> tuple[torch.Tensor, torch.
     return ids, labels
 
 
-def model_of(kind: str, seed: int, heads: int, local: int) -> torch.nn.Module:
+def model_of(kind: str, seed: int, heads: int, local: int, layers: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    size = {**SIZE, "num_attention_heads": heads}
+    size = {**SIZE, "num_attention_heads": heads, "num_hidden_layers": layers}
     if kind == "dense":
         return LlamaForCausalLM(LlamaConfig(**size, attn_implementation="sdpa"))
     return LongNetForCausalLM(LongNetConfig(**size, **{**BRANCHES, "segment_lengths": [local, LENGTH]}))
@@ -81,6 +80,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="of the initial weights and the training batches")
     parser.add_argument("--heads", type=int, default=4, help="attention heads (hidden size 128 either way)")
     parser.add_argument("--local_segment", type=int, default=32, help="LongNet's local segment length (at most 32)")
+    parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     longnet_config = LongNetConfig(**SIZE, **BRANCHES)
@@ -97,7 +97,7 @@ def main() -> None:
             continue
         held_out = [batch(torch.Generator().manual_seed(10_000 + i), parity) for i in range(4)]
         for kind in args.kinds:
-            model = model_of(kind, args.seed, args.heads, args.local_segment)
+            model = model_of(kind, args.seed, args.heads, args.local_segment, args.layers)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
             generator = torch.Generator().manual_seed(args.seed)
             curve, begin = [(0, accuracy(model.eval(), held_out))], time.perf_counter()
