@@ -29,7 +29,7 @@ SIZE = dict(
     vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
     max_position_embeddings=LENGTH, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
 )  # fmt: skip
-BRANCHES = dict(segment_lengths=[32, 256], dilation_rates=[1, 2])
+LEARNING_RATE, WARMUP = 1e-3, 100
 
 
 def batch(generator: torch.Generator, parity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,12 +48,12 @@ def batch(generator: torch.Generator, parity: int) -> tuple[torch.Tensor, torch.
     return ids, labels
 
 
-def model_of(kind: str, seed: int, heads: int, local: int, layers: int) -> torch.nn.Module:
+def model_of(kind: str, seed: int, longnet_config: LongNetConfig) -> torch.nn.Module:
     torch.manual_seed(seed)
-    size = {**SIZE, "num_attention_heads": heads, "num_hidden_layers": layers}
     if kind == "dense":
+        size = {k: v for k, v in longnet_config.to_dict().items() if k in SIZE or k == "num_hidden_layers"}
         return LlamaForCausalLM(LlamaConfig(**size, attn_implementation="sdpa"))
-    return LongNetForCausalLM(LongNetConfig(**size, **{**BRANCHES, "segment_lengths": [local, LENGTH]}))
+    return LongNetForCausalLM(longnet_config)
 
 
 def accuracy(model: torch.nn.Module, held_out: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
@@ -82,8 +82,13 @@ def main() -> None:
     parser.add_argument("--local_segment", type=int, default=32, help="LongNet's local segment length (at most 32)")
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
+    if not 1 <= args.local_segment <= 32:
+        parser.error(f"--local_segment must be 1 to 32 (span and repeat lie >= 32 apart), got {args.local_segment}")
+    longnet_config = LongNetConfig(
+        **{**SIZE, "num_attention_heads": args.heads, "num_hidden_layers": args.layers},
+        segment_lengths=[args.local_segment, LENGTH], dilation_rates=[1, 2],
+    )  # fmt: skip
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    longnet_config = LongNetConfig(**SIZE, **BRANCHES)
     # The parity check: odd distances put every predicted token's copy where the r = 2 branch reads it.
     for parity, readable in ((1, True), (0, False)):
         ids, labels = batch(torch.Generator().manual_seed(1), parity)
@@ -97,15 +102,15 @@ def main() -> None:
             continue
         held_out = [batch(torch.Generator().manual_seed(10_000 + i), parity) for i in range(4)]
         for kind in args.kinds:
-            model = model_of(kind, args.seed, args.heads, args.local_segment, args.layers)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+            model = model_of(kind, args.seed, longnet_config)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.95), weight_decay=0.0)
             generator = torch.Generator().manual_seed(args.seed)
             curve, begin = [(0, accuracy(model.eval(), held_out))], time.perf_counter()
             for step in range(1, args.steps + 1):
                 model.train()
                 ids, labels = batch(generator, parity)
                 for group in optimizer.param_groups:
-                    group["lr"] = 1e-3 * min(1.0, step / 100)
+                    group["lr"] = LEARNING_RATE * min(1.0, step / WARMUP)
                 loss = model(ids, labels=labels).loss
                 loss.backward()
                 optimizer.step()
