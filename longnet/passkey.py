@@ -307,7 +307,7 @@ def sees_directly(config, query: int, key: int) -> bool:
     )
 
 
-TOKEN_ROWS = ("first token", "later tokens")
+TOKEN_ROWS = ("first token", "later tokens", "later tokens, from even positions", "later tokens, from odd positions")
 
 
 @torch.no_grad()
@@ -322,8 +322,10 @@ def retrieval_by_token(
     that token (``NEEDLE`` holds the key twice) the predicting position can read in one attention step
     (``sees_directly``). Why: a dilated branch joins only positions of one residue, so a copy at another
     residue must first be moved to a visible position by an earlier layer; a model that has not learned
-    that gets the tokens it sees and misses the others. A dense model sees every copy. A prompt whose
-    needle does not hold the key's tokens as the answer tokenizes them is skipped (and counted)."""
+    that gets the tokens it sees and misses the others. A dense model sees every copy. The later tokens are
+    also counted by the predicting position's parity: the residues of an r = 2 branch are served by disjoint
+    heads, which learn that move each on their own. A prompt whose needle does not hold the key's tokens as
+    the answer tokenizes them is skipped (and counted)."""
     rng = random.Random(f"{seed}-{length}-tokens")
     asked = [make_prompt(tokenizer, haystack, length, rng.uniform(0, 100), rng) for _ in range(prompts)]
     model.eval()
@@ -342,9 +344,11 @@ def retrieval_by_token(
         predicted = model(ids, use_cache=False, logits_to_keep=len(key_ids) + 1).logits[0, :-1].argmax(-1)
         for j, token in enumerate(key_ids):
             seen = sum(sees_directly(model.config, length - 1 + j, copy + j) for copy in copies)
-            cell = counts[TOKEN_ROWS[j > 0]].setdefault(seen, [0, 0])
-            cell[0] += int(predicted[j].item() == token)
-            cell[1] += 1
+            rows = [TOKEN_ROWS[0]] if j == 0 else [TOKEN_ROWS[1], TOKEN_ROWS[2 + (length - 1 + j) % 2]]
+            for row in rows:
+                cell = counts[row].setdefault(seen, [0, 0])
+                cell[0] += int(predicted[j].item() == token)
+                cell[1] += 1
     return {row: {seen: tuple(cell) for seen, cell in sorted(cells.items())} for row, cells in counts.items()}, skipped
 
 

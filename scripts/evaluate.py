@@ -17,7 +17,8 @@ local segment (``longnet.passkey.retrieval_by_branch``). Writes ``{out}/branches
 ``--task tokens`` (any model): which tokens of the key a model gets. On ``--keys_per_cell`` prompts of
 each length, teacher-forced accuracy of the key's first and later tokens by how many of the needle's two
 copies of each the predicting position reads in one attention step: a dilated branch joins one residue
-class only (``longnet.passkey.retrieval_by_token``). Writes ``{out}/tokens.md`` and ``.json``.
+class only (``longnet.passkey.retrieval_by_token``); the later tokens also by the predicting position's
+parity (an r = 2 branch serves the two with disjoint heads). Writes ``{out}/tokens.md`` and ``.json``.
 
     python scripts/evaluate.py outputs/longnet-stdlib outputs/llama-stdlib --out docs/results/stdlib_perplexity
     python scripts/evaluate.py MODEL --validation_file held_out/ --context_lengths 1024 4096 16384
@@ -304,7 +305,9 @@ def evaluate_tokens(args, names: list[str], tokenizer, haystack: list[int]) -> N
         f"random depths, seed {args.seed}, {args.dtype}): the first token (predicted from the question's end) "
         "and the later ones (each from the token before it), by how many of the needle's two copies of that "
         "token the predicting position reads in one attention step. A dense model reads both; a dilated "
-        "branch joins only positions of one residue, so a LongNet must first move a copy it cannot read.",
+        "branch joins only positions of one residue, so a LongNet must first move a copy it cannot read. "
+        "The later tokens also by the parity of the position predicting them: an r = 2 branch serves the two "
+        "with disjoint heads.",
         "",
     ]
     for name, folder in zip(names, args.models, strict=True):

@@ -308,7 +308,8 @@ class KeyReader(torch.nn.Module):
 
 def test_retrieval_by_token_counts_the_copies_a_position_reads(tokenizer, haystack):
     """A dense model reads both copies of every key token; with one branch of rate 2 over the whole prompt,
-    a position reads the copies at its own parity (the same for every token of a prompt's key)."""
+    a position reads the copies at its own parity (the same for every token of a prompt's key). Later tokens
+    are also counted by the predicting position's parity."""
     import random
 
     dense, skipped = retrieval_by_token(KeyReader(len(tokenizer)), tokenizer, haystack, 300, prompts=12)
@@ -324,10 +325,17 @@ def test_retrieval_by_token_counts_the_copies_a_position_reads(tokenizer, haysta
         key_ids = tokenizer(" " + prompt.key, add_special_tokens=False)["input_ids"]
         starts = [i for i in range(300) if prompt.ids[i : i + len(key_ids)] == key_ids]
         at_parity = sum((299 - start) % 2 == 0 for start in starts)
-        for row, tokens in (("first token", 1), ("later tokens", len(key_ids) - 1)):
+        predicting = range(300, 299 + len(key_ids))  # the positions that predict the later tokens
+        even = sum(position % 2 == 0 for position in predicting)
+        rows = [("first token", 1), ("later tokens", len(key_ids) - 1)]
+        rows += [
+            ("later tokens, from even positions", even),
+            ("later tokens, from odd positions", len(predicting) - even),
+        ]
+        for row, tokens in rows:
             right, total = expected.setdefault(row, {}).get(at_parity, (0, 0))
             expected[row][at_parity] = (right + tokens, total + tokens)
-    expected["later tokens"] = {c: cell for c, cell in expected["later tokens"].items() if cell[1]}
+    expected = {row: {c: cell for c, cell in cells.items() if cell[1]} for row, cells in expected.items()}
     assert {row: dict(cells) for row, cells in dilated.items()} == expected
 
 

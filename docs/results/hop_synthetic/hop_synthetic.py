@@ -11,6 +11,13 @@ over the whole sequence). Writes OUT_DIR/hop_synthetic.{json,md} and prints the 
 repeated tokens every 100 steps, all and split by the predicting position's parity; --kinds and --distances
 pick runs, --seed the initial weights and training batches (the held-out batches stay), --heads the heads,
 --local_segment the local branch's segment length, --layers the depth.
+
+As a pre-training stage for the pass-key recipe (session 21): --save DIR --tokenizer TOKENIZER writes the last
+LongNet trained as a model of that tokenizer's vocabulary, for `scripts/train.py --model_name_or_path DIR`: the 256
+token ids become the tokenizer's digit tokens (pass keys are made of them) and others drawn from it, the other
+rows of the embedding freshly initialised; --intermediate_size and --max_positions set the rest of the pass-key
+models' size. With --full_vocabulary the models train with the tokenizer's whole embedding table (the same 256
+ids drawn from it) instead.
 """
 
 import argparse
@@ -19,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from longnet import LongNetConfig, LongNetForCausalLM
 from longnet.passkey import sees_directly
@@ -32,9 +39,10 @@ SIZE = dict(
 LEARNING_RATE, WARMUP = 1e-3, 100
 
 
-def batch(generator: torch.Generator, parity: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random tokens with a span repeated at a distance of the given parity; labels -100 but on the repeat."""
-    ids = torch.randint(VOCAB, (BATCH, LENGTH), generator=generator)
+def batch(generator: torch.Generator, parity: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens (of the VOCAB ids ``tokens``) with a span repeated at a distance of the given parity; labels
+    -100 but on the repeat."""
+    ids = tokens[torch.randint(VOCAB, (BATCH, LENGTH), generator=generator)]
     labels = torch.full_like(ids, -100)
     for row in range(BATCH):
         span = int(torch.randint(24, 49, (), generator=generator))
@@ -51,9 +59,26 @@ def batch(generator: torch.Generator, parity: int) -> tuple[torch.Tensor, torch.
 def model_of(kind: str, seed: int, longnet_config: LongNetConfig) -> torch.nn.Module:
     torch.manual_seed(seed)
     if kind == "dense":
-        size = {k: v for k, v in longnet_config.to_dict().items() if k in SIZE or k == "num_hidden_layers"}
+        size = {k: v for k, v in longnet_config.to_dict().items() if k in SIZE}
         return LlamaForCausalLM(LlamaConfig(**size, attn_implementation="sdpa"))
     return LongNetForCausalLM(longnet_config)
+
+
+def with_vocabulary(
+    model: LongNetForCausalLM, config: LongNetConfig, ids: torch.Tensor, seed: int
+) -> LongNetForCausalLM:
+    """A model of ``config``'s vocabulary whose logits at ``ids`` are ``model``'s for the same tokens: the trained
+    embedding rows placed at ``ids``, the other rows freshly initialised."""
+    torch.manual_seed(seed)
+    larger = LongNetForCausalLM(config)
+    embedding = "model.embed_tokens.weight"
+    trained = {name: weight for name, weight in model.state_dict().items() if name not in (embedding, "lm_head.weight")}
+    missing = larger.load_state_dict(trained, strict=False).missing_keys
+    assert set(missing) <= {embedding, "lm_head.weight"}, missing
+    with torch.no_grad():
+        larger.get_input_embeddings().weight[ids] = model.get_input_embeddings().weight
+    assert larger.lm_head.weight.data_ptr() == larger.get_input_embeddings().weight.data_ptr()  # tied
+    return larger
 
 
 def accuracy(model: torch.nn.Module, held_out: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
@@ -81,17 +106,43 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4, help="attention heads (hidden size 128 either way)")
     parser.add_argument("--local_segment", type=int, default=32, help="LongNet's local segment length (at most 32)")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--intermediate_size", type=int, default=SIZE["intermediate_size"])
+    parser.add_argument("--max_positions", type=int, default=LENGTH, help="the models' max_position_embeddings")
+    parser.add_argument("--tokenizer", type=Path, help="a tokenizer folder: the vocabulary --save writes")
+    parser.add_argument("--full_vocabulary", action="store_true", help="train with the tokenizer's embedding table")
+    parser.add_argument("--save", type=Path, help="a folder for the last LongNet trained (and the tokenizer)")
     args = parser.parse_args()
     if not 1 <= args.local_segment <= 32:
         parser.error(f"--local_segment must be 1 to 32 (span and repeat lie >= 32 apart), got {args.local_segment}")
-    longnet_config = LongNetConfig(
-        **{**SIZE, "num_attention_heads": args.heads, "num_hidden_layers": args.layers},
-        segment_lengths=[args.local_segment, LENGTH], dilation_rates=[1, 2],
-    )  # fmt: skip
+    if args.max_positions < LENGTH:
+        parser.error(f"--max_positions must be at least {LENGTH}, the sequence length, got {args.max_positions}")
+    if (args.save or args.full_vocabulary) and not args.tokenizer:
+        parser.error("--save and --full_vocabulary need --tokenizer (the vocabulary of the model written)")
+    if args.save and "longnet" not in args.kinds:
+        parser.error("--save writes a LongNet: --kinds must include longnet")
+    size = {
+        **SIZE, "num_attention_heads": args.heads, "num_hidden_layers": args.layers,
+        "intermediate_size": args.intermediate_size, "max_position_embeddings": args.max_positions,
+    }  # fmt: skip
+    branches = dict(segment_lengths=[args.local_segment, LENGTH], dilation_rates=[1, 2])
+    tokens = torch.arange(VOCAB)  # the ids the batches hold
+    if args.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        special = set(tokenizer.all_special_ids)
+        ordinary = [i for i in range(len(tokenizer)) if i not in special]
+        digits = [i for i in ordinary if tokenizer.decode([i]).strip().isdigit()]
+        others = [i for i in ordinary if i not in set(digits)]
+        drawn = torch.randperm(len(others), generator=torch.Generator().manual_seed(0))[: VOCAB - len(digits)]
+        drawn_ids = torch.tensor(digits + [others[i] for i in drawn.tolist()])
+        specials = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        saved_config = LongNetConfig(**size | specials | {"vocab_size": len(tokenizer)}, **branches)
+        if args.full_vocabulary:
+            tokens = drawn_ids
+    longnet_config = saved_config if args.full_vocabulary else LongNetConfig(**size, **branches)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     # The parity check: odd distances put every predicted token's copy where the r = 2 branch reads it.
     for parity, readable in ((1, True), (0, False)):
-        ids, labels = batch(torch.Generator().manual_seed(1), parity)
+        ids, labels = batch(torch.Generator().manual_seed(1), parity, tokens)
         row = ids[0].tolist()
         at = next(i for i in range(1, LENGTH) if labels[0, i] != -100) - 1  # predicts labels[0, at + 1]
         copy = next(j for j in range(at) if row[j : j + 2] == row[at : at + 2]) + 1
@@ -100,7 +151,7 @@ def main() -> None:
     for parity, name in ((1, "odd"), (0, "even")):
         if name not in args.distances:
             continue
-        held_out = [batch(torch.Generator().manual_seed(10_000 + i), parity) for i in range(4)]
+        held_out = [batch(torch.Generator().manual_seed(10_000 + i), parity, tokens) for i in range(4)]
         for kind in args.kinds:
             model = model_of(kind, args.seed, longnet_config)
             optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.95), weight_decay=0.0)
@@ -108,7 +159,7 @@ def main() -> None:
             curve, begin = [(0, accuracy(model.eval(), held_out))], time.perf_counter()
             for step in range(1, args.steps + 1):
                 model.train()
-                ids, labels = batch(generator, parity)
+                ids, labels = batch(generator, parity, tokens)
                 for group in optimizer.param_groups:
                     group["lr"] = LEARNING_RATE * min(1.0, step / WARMUP)
                 loss = model(ids, labels=labels).loss
@@ -121,6 +172,10 @@ def main() -> None:
                     print(f"{kind:8s} {name:4s} step {step:5d} loss {loss.item():.3f} accuracy all / at even / at odd "
                           f"positions {shown} ({time.perf_counter() - begin:.0f} s)", flush=True)  # fmt: skip
             results[f"{kind}, {name} distance"] = curve
+            if args.save and kind == "longnet":
+                saved = model if args.full_vocabulary else with_vocabulary(model, saved_config, drawn_ids, args.seed)
+                saved.save_pretrained(args.save)
+                tokenizer.save_pretrained(args.save)
     (args.out_dir / "hop_synthetic.json").write_text(json.dumps(results, indent=1))
     steps = [step for step, _ in next(iter(results.values()))]
     lines = [
