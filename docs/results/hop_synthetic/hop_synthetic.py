@@ -13,11 +13,11 @@ pick runs, --seed the initial weights and training batches (the held-out batches
 --local_segment the local branch's segment length, --layers the depth.
 
 As a pre-training stage for the pass-key recipe (session 21): --save DIR --tokenizer TOKENIZER writes the last
-LongNet trained as a model of that tokenizer's vocabulary, for `scripts/train.py --model_name_or_path DIR`: the 256
-token ids become the tokenizer's digit tokens (pass keys are made of them) and others drawn from it, the other
-rows of the embedding freshly initialised; --intermediate_size and --max_positions set the rest of the pass-key
-models' size. With --full_vocabulary the models train with the tokenizer's whole embedding table (the same 256
-ids drawn from it) instead.
+LongNet trained (--save_dense DIR: the last dense model) as a model of that tokenizer's vocabulary, for
+`scripts/train.py --model_name_or_path DIR`: the 256 token ids become the tokenizer's digit tokens (pass keys
+are made of them) and others drawn from it, the other rows of the embedding freshly initialised;
+--intermediate_size and --max_positions set the rest of the pass-key models' size. With --full_vocabulary the
+models train with the tokenizer's whole embedding table (the same 256 ids drawn from it) instead.
 """
 
 import argparse
@@ -64,13 +64,9 @@ def model_of(kind: str, seed: int, longnet_config: LongNetConfig) -> torch.nn.Mo
     return LongNetForCausalLM(longnet_config)
 
 
-def with_vocabulary(
-    model: LongNetForCausalLM, config: LongNetConfig, ids: torch.Tensor, seed: int
-) -> LongNetForCausalLM:
-    """A model of ``config``'s vocabulary whose logits at ``ids`` are ``model``'s for the same tokens: the trained
-    embedding rows placed at ``ids``, the other rows freshly initialised."""
-    torch.manual_seed(seed)
-    larger = LongNetForCausalLM(config)
+def with_vocabulary(model: torch.nn.Module, larger: torch.nn.Module, ids: torch.Tensor) -> torch.nn.Module:
+    """``larger`` (a fresh model of the same kind and size, of a larger vocabulary) given ``model``'s weights, the
+    embedding rows placed at ``ids``: its logits at ``ids`` are ``model``'s; its other rows stay fresh."""
     embedding = "model.embed_tokens.weight"
     trained = {name: weight for name, weight in model.state_dict().items() if name not in (embedding, "lm_head.weight")}
     missing = larger.load_state_dict(trained, strict=False).missing_keys
@@ -111,15 +107,20 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, help="a tokenizer folder: the vocabulary --save writes")
     parser.add_argument("--full_vocabulary", action="store_true", help="train with the tokenizer's embedding table")
     parser.add_argument("--save", type=Path, help="a folder for the last LongNet trained (and the tokenizer)")
+    parser.add_argument("--save_dense", type=Path, help="a folder for the last dense model trained (and the tokenizer)")
     args = parser.parse_args()
     if not 1 <= args.local_segment <= 32:
         parser.error(f"--local_segment must be 1 to 32 (span and repeat lie >= 32 apart), got {args.local_segment}")
     if args.max_positions < LENGTH:
         parser.error(f"--max_positions must be at least {LENGTH}, the sequence length, got {args.max_positions}")
-    if (args.save or args.full_vocabulary) and not args.tokenizer:
-        parser.error("--save and --full_vocabulary need --tokenizer (the vocabulary of the model written)")
-    if args.save and "longnet" not in args.kinds:
-        parser.error("--save writes a LongNet: --kinds must include longnet")
+    folders = {"longnet": args.save, "dense": args.save_dense}
+    if (args.save or args.save_dense or args.full_vocabulary) and not args.tokenizer:
+        parser.error(
+            "--save, --save_dense and --full_vocabulary need --tokenizer (the vocabulary of the model written)"
+        )
+    for kind, flag in (("longnet", "--save"), ("dense", "--save_dense")):
+        if folders[kind] and kind not in args.kinds:
+            parser.error(f"{flag} writes a {kind} model: --kinds must include {kind}")
     size = {
         **SIZE, "num_attention_heads": args.heads, "num_hidden_layers": args.layers,
         "intermediate_size": args.intermediate_size, "max_position_embeddings": args.max_positions,
@@ -172,10 +173,11 @@ def main() -> None:
                     print(f"{kind:8s} {name:4s} step {step:5d} loss {loss.item():.3f} accuracy all / at even / at odd "
                           f"positions {shown} ({time.perf_counter() - begin:.0f} s)", flush=True)  # fmt: skip
             results[f"{kind}, {name} distance"] = curve
-            if args.save and kind == "longnet":
-                saved = model if args.full_vocabulary else with_vocabulary(model, saved_config, drawn_ids, args.seed)
-                saved.save_pretrained(args.save)
-                tokenizer.save_pretrained(args.save)
+            if folders[kind]:
+                fresh = None if args.full_vocabulary else model_of(kind, args.seed, saved_config)
+                saved = model if fresh is None else with_vocabulary(model, fresh, drawn_ids)
+                saved.save_pretrained(folders[kind])
+                tokenizer.save_pretrained(folders[kind])
     (args.out_dir / "hop_synthetic.json").write_text(json.dumps(results, indent=1))
     steps = [step for step, _ in next(iter(results.values()))]
     lines = [
