@@ -132,7 +132,7 @@ def main() -> None:
         special = set(tokenizer.all_special_ids)
         ordinary = [i for i in range(len(tokenizer)) if i not in special]
         digits = [i for i in ordinary if tokenizer.decode([i]).strip().isdigit()]
-        others = [i for i in ordinary if i not in set(digits)]
+        others = sorted(set(ordinary) - set(digits))
         drawn = torch.randperm(len(others), generator=torch.Generator().manual_seed(0))[: VOCAB - len(digits)]
         drawn_ids = torch.tensor(digits + [others[i] for i in drawn.tolist()])
         specials = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
