@@ -97,6 +97,7 @@ RUN_DEFINING = [
     *SIZE_FLAGS,
     "segment_lengths",
     "dilation_rates",
+    "rope_theta",
     "dataset_name",
     "dataset_config_name",
     "train_file",
@@ -142,6 +143,13 @@ class ModelArguments:
         metadata={"help": "LongNet's branches; with --model_name_or_path they replace the model's (to fine-tune)."},
     )
     dilation_rates: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    rope_theta: float | None = field(
+        default=None,
+        metadata={
+            "help": "RoPE's base (10000 unless given); with --model_name_or_path it replaces the model's: a larger "
+            "base keeps far tokens matchable, as Code Llama's 1e6 (docs/results/passkey.md)."
+        },
+    )
     trust_remote_code: bool = False
 
 
@@ -440,6 +448,8 @@ def check_arguments(model_args, data_args, training_args) -> None:
     """Everything that can be checked before any data is read or model built."""
     if model_args.attention not in ("dilated", "dense"):
         fail(f"--attention must be 'dilated' or 'dense', got {model_args.attention!r}")
+    if model_args.rope_theta is not None and not model_args.rope_theta > 0:
+        fail(f"--rope_theta must be above 0, got {model_args.rope_theta}")
     if not 0 <= data_args.passkey_share <= 1:
         fail(f"--passkey_share must be between 0 and 1, got {data_args.passkey_share}")
     if data_args.passkey_episodes < 1:
@@ -686,13 +696,9 @@ def source_config(model_args, given: dict) -> PretrainedConfig:
 
 
 def get_model(model_args, tokenizer, given: dict):
-    if model_args.model_name_or_path:
-        return AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path,
-            config=source_config(model_args, given),
-            trust_remote_code=model_args.trust_remote_code,
-        )
-    if model_args.config_name:
+    """The model to train. --rope_theta replaces the RoPE base of any config (no weight depends on it): a
+    larger base for a longer context is a fine-tuning change, as Code Llama made it."""
+    if model_args.model_name_or_path or model_args.config_name:
         config = source_config(model_args, given)
     else:
         config = config_from_flags(
@@ -702,6 +708,12 @@ def get_model(model_args, tokenizer, given: dict):
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             tie_word_embeddings=True,
+        )
+    if model_args.rope_theta:
+        config.rope_parameters = {**config.rope_parameters, "rope_theta": model_args.rope_theta}
+    if model_args.model_name_or_path:
+        return AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path, config=config, trust_remote_code=model_args.trust_remote_code
         )
     if model_args.attention == "dense":
         fields = config.to_dict()

@@ -187,32 +187,43 @@ def test_fine_tune_from_a_trained_folder(trained, corpus, tmp_path):
     assert any(not torch.equal(before[name], after[name]) for name in before)
 
 
-def test_fine_tuning_with_other_branches(trained, corpus, tmp_path):
-    """--segment_lengths and --dilation_rates with --model_name_or_path re-branch the LongNet being
-    fine-tuned (a longer largest segment for a longer context): the saved model has the new branches and
-    computes what a LongNet built with them from the same weights computes."""
+def test_fine_tuning_with_other_branches_and_rope_base(trained, corpus, tmp_path):
+    """--segment_lengths, --dilation_rates and --rope_theta with --model_name_or_path re-branch the LongNet
+    being fine-tuned and give it another RoPE base (for a longer context): the saved model has the new
+    branches and base and computes what a LongNet built with them from the same weights computes."""
     from transformers import AutoModelForCausalLM
 
     from longnet import LongNetConfig, LongNetForCausalLM
 
     source, out = trained["dilated"][0], tmp_path / "rebranched"
     args = ["--model_name_or_path", str(source), "--train_file", str(corpus), "--output_dir", str(out)]
-    branches = ["--segment_lengths", "16", "256", "--dilation_rates", "1", "2"]
+    branches = ["--segment_lengths", "16", "256", "--dilation_rates", "1", "2", "--rope_theta", "1e6"]
     run([sys.executable, TRAIN, *args, "--max_steps", "1", *TINY_ARGS, *branches])
     config = json.loads((out / "config.json").read_text())
     assert config["segment_lengths"] == [16, 256] and config["dilation_rates"] == [1, 2]
+    assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 1e6}
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, 200, (1, 200))
     built = {}
-    for lengths in ([16, 256], [16, 32]):  # the new branches, and others (so the comparison can fail)
-        built[lengths[-1]] = LongNetForCausalLM(
-            LongNetConfig.from_dict({**model.config.to_dict(), "segment_lengths": lengths})
-        ).eval()
-        built[lengths[-1]].load_state_dict(model.state_dict())
+    # the new branches and base, and others (so the comparison can fail)
+    for lengths, theta in (([16, 256], 1e6), ([16, 32], 1e6), ([16, 256], 10000.0)):
+        fields = {"segment_lengths": lengths, "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+        built[lengths[-1], theta] = LongNetForCausalLM(LongNetConfig.from_dict({**model.config.to_dict(), **fields}))
+        built[lengths[-1], theta].load_state_dict(model.state_dict())
     with torch.no_grad():
         logits = model(ids).logits
-        torch.testing.assert_close(logits, built[256](ids).logits)
-        assert not torch.allclose(logits, built[32](ids).logits, atol=1e-3)
+        torch.testing.assert_close(logits, built[256, 1e6].eval()(ids).logits)
+        for other in ((32, 1e6), (256, 10000.0)):
+            assert not torch.allclose(logits, built[other].eval()(ids).logits, atol=1e-3)
+
+
+def test_rope_base_of_a_dense_model_from_scratch(corpus, tmp_path):
+    """--rope_theta reaches the config of a model built from the size flags, dense as well as dilated."""
+    out = tmp_path / "dense"
+    args = ["--train_file", str(corpus), "--output_dir", str(out), "--attention", "dense", "--rope_theta", "5e5"]
+    run([sys.executable, TRAIN, *args, "--max_steps", "1", *TINY_ARGS])
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["rope_parameters"]["rope_theta"] == 5e5
 
 
 @pytest.mark.parametrize(
@@ -466,6 +477,7 @@ def bad_inputs(folder: Path) -> dict[str, str]:
             "--segment_lengths 16 32 64 128 --dilation_rates 1 2: ",
         ),
         (["--attention", "sparse"], "--attention must be 'dilated' or 'dense'"),
+        (["--rope_theta", "0"], "--rope_theta must be above 0, got 0.0"),
         (["--sequence_parallel_size", "3"], "--sequence_parallel_size 3 must divide the number of processes (1)"),
         (["--sequence_parallel_size", "2", "--attention", "dense"], "needs --attention dilated"),
         (
