@@ -146,8 +146,8 @@ class ModelArguments:
     rope_theta: float | None = field(
         default=None,
         metadata={
-            "help": "RoPE's base (10000 unless given); with --model_name_or_path it replaces the model's: a larger "
-            "base keeps far tokens matchable, as Code Llama's 1e6 (docs/results/passkey.md)."
+            "help": "RoPE's base (10000 unless given); with --model_name_or_path or --config_name it replaces "
+            "theirs: a larger base keeps far tokens matchable, as Code Llama's 1e6 (docs/results/passkey.md)."
         },
     )
     trust_remote_code: bool = False

@@ -3,7 +3,7 @@
 python probe_depth.py MODEL TOKENIZER [--length N] [--depths D ...] [--each]: 40 prompts of N tokens (1024) per
 depth (0, 10, 25, 50, 75, 100 % unless named) in a haystack of the standard library's `email` package, the needle as
 `evaluate.py --task passkey` plants it; prints per depth the share right of the key's first, second and third
-token and of whole keys, then, for far (0-25 %) and near (50-100 %) needles, the later tokens right by the
+token and of whole keys, then, for far (depth <= 25 %) and near (depth > 25 %) needles, the later tokens right by the
 copies the predicting position reads directly. Why: exact match at 1K fails for far needles only, and the
 key-token analysis mixes all depths. --each also prints every prompt's key copies and predictions (session 22:
 the dip at depth 25 % of 1024 is a key token at the last position of a 256-token segment).
@@ -34,7 +34,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=torch.bfloat16).eval()
     files = sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/email/*.py"))
     haystack = [t for f in files for t in tokenizer(open(f).read(), add_special_tokens=False)["input_ids"]]
-    by_copies = {"far (0-25 %)": {}, "near (50-100 %)": {}}
+    by_copies = {"far (depth <= 25 %)": {}, "near (depth > 25 %)": {}}
     for depth in args.depths:
         rng = random.Random(f"probe-{depth:g}")
         right, asked, whole = [0, 0, 0], [0, 0, 0], 0  # keys have 2 to 4 tokens
@@ -55,7 +55,7 @@ def main() -> None:
                 right[j] += hit
                 asked[j] += 1
             whole += all(correct)
-            counts = by_copies["far (0-25 %)" if depth <= 25 else "near (50-100 %)"]
+            counts = by_copies["far (depth <= 25 %)" if depth <= 25 else "near (depth > 25 %)"]
             for j in range(1, len(key_ids)):
                 seen = sum(sees_directly(model.config, args.length - 1 + j, copy + j) for copy in copies)
                 cell = counts.setdefault(seen, [0, 0])
