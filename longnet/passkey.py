@@ -114,7 +114,15 @@ HOP_TRIES = 16  # random needle places an episode of --passkey_hop tries before 
 
 
 def plant_passkeys(
-    blocks, tokenizer, share: float, seed: int, episodes: int = 1, boundary: int = 0, hop: float = 0.0, config=None
+    blocks,
+    tokenizer,
+    share: float,
+    seed: int,
+    episodes: int = 1,
+    boundary: int = 0,
+    hop: float = 0.0,
+    config=None,
+    far: float = 0.0,
 ):
     """Training blocks (``input_ids``, ``labels``, ``position_ids``) of which about ``share`` carry pass keys.
 
@@ -135,9 +143,14 @@ def plant_passkeys(
     where no position that predicts a key token of the answer reads a copy of that token in one attention
     step (``sees_directly``; the first of up to ``HOP_TRIES`` random places, else the last): the model must
     move the key to its own residue in an earlier layer, a hop that needles at random places ask for too
-    rarely to be learned (docs/results/passkey.md)."""
-    if not 0 <= hop <= 1:
-        raise ValueError(f"hop must be between 0 and 1, got {hop}")
+    rarely to be learned (docs/results/passkey.md).
+
+    With ``far`` > 0, that share of the episodes puts its needle in its slot's first quarter and ends in the
+    slot's last quarter: the needle lies half to all of the slot back, distances that uniform places give
+    rarely (with one episode per block, 7 % of needles lie over 3/4 of the block back; of far episodes, half)."""
+    for name, value in (("hop", hop), ("far", far)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name} must be between 0 and 1, got {value}")
     if hop and not getattr(config, "segment_lengths", None):
         raise ValueError("hop needs the config of the LongNet trained (a dense model reads every copy directly)")
     shortest_episode = planting_tokens(tokenizer) + 1
@@ -146,6 +159,10 @@ def plant_passkeys(
     def plant_episode(ids: list[int], mask: list[int], start: int, ends: range, rng: random.Random) -> None:
         """Writes one episode into ``ids[start:end]`` (in place), ``end`` drawn from ``ends``, and marks its
         answer in ``mask``; with a ``boundary``, half the time ``end`` is one where the answer starts on one."""
+        nearest = ends.stop  # the needle's last place: the slot's end, or its first quarter's for a far episode
+        if far and rng.random() < far:
+            slot = ends.stop - 1 - start
+            ends, nearest = range(max(ends.start, start + 3 * slot // 4), ends.stop), start + slot // 4
         end = ends[-1] - rng.randrange(len(ends))
         key, needle = random_needle(tokenizer, rng)
         reply = tokenizer(" " + key + "\n", add_special_tokens=False)["input_ids"]
@@ -154,7 +171,7 @@ def plant_passkeys(
             answer_starts = range(first, ends.stop - len(reply), boundary)
             if answer_starts:
                 end = rng.choice(answer_starts) + len(reply)
-        last = end - len(needle) - len(question) - len(reply)
+        last = min(end - len(needle) - len(question) - len(reply), nearest)
         at = rng.randrange(start, last + 1)
         if hop and rng.random() < hop:
             key_ids = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
@@ -195,6 +212,8 @@ def plant_passkeys(
     description = f"Planting pass keys in {share:.0%} of the blocks"
     if episodes > 1:
         description += f" (1 to {episodes} per block)"
+    if far:
+        description += f", {far:.0%} of the needles far"
     return blocks.map(plant, with_indices=True, desc=description)
 
 

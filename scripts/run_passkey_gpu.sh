@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Issue 15's retrieval recipe on a GPU, as one run of at most about 7 minutes on a lent machine: the same
+# Issue 15's retrieval recipe on a GPU, as one run of at most about 8 minutes on a lent machine: the same
 # commands as the CPU runs of docs/results/passkey.md, with more steps. Three models of one size (4 layers,
-# hidden 128, 8 heads) and one tokenizer train side by side on the GPU (tiny models leave it mostly idle):
+# hidden 128, 8 heads, intermediate 384: stage 1's) and one tokenizer train side by side on the GPU (tiny
+# models leave it mostly idle):
 #   dense    a Llama (SDPA)
 #   longnet  LongNet, w = 256, 4096 (r = 1, 2) at 1K, then w = 256, 65536 at 16K
 #   paper    LongNet with rates growing with the segment: w = 256 ... 16384 (r = 1, 2, 4, 8), + 65536 (r = 16)
-# the 1K stage (STEPS_1K steps of 8 x 1024 tokens), then the 16K stage from it (STEPS_16K steps of 1 x 16384),
-# then the pass key grid (1K-16K x 11 depths, KEYS keys a cell; 32K and 64K x 5 depths), the branch
-# and key-token analyses and one-process step times, each only while the run is inside BUDGET seconds. SIZE overrides
-# the model's size flags (e.g. more layers).
+# Stage 1, the synthetic hop (STEPS_HOP steps of hop_synthetic.py; the LongNets start from its LongNet, the dense
+# model from its Llama), then the 1K stage (STEPS_1K steps of 8 x 1024 tokens, RoPE base ROPE_1K), then the 16K
+# stage from it (STEPS_16K steps of 1 x 16384, RoPE base ROPE_16K, FAR: --passkey_far), then the pass key grid
+# (1K-16K x 11 depths, KEYS keys a cell; 32K and 64K x 5 depths), the branch and key-token analyses and
+# one-process step times, each only while the run is inside BUDGET seconds.
 #   TOKENIZER=folder bash scripts/run_passkey_gpu.sh
 # Writes under $OUT (default outputs/passkey_gpu), at most 8 files: passkey_gpu.log, results.tar.gz (the
 # evaluations, training logs and reports) and one models_NAME.tar.gz per model (both stages' weights,
@@ -17,12 +19,16 @@ set -uo pipefail
 OUT=${OUT:-outputs/passkey_gpu}
 TOKENIZER=${TOKENIZER:?set TOKENIZER to a tokenizer folder (the main job 4096-token BPE)}
 WORK=${WORK:-/tmp/passkey_gpu}
+STEPS_HOP=${STEPS_HOP:-5000}
 STEPS_1K=${STEPS_1K:-3000}
 STEPS_16K=${STEPS_16K:-1000}
 KEYS=${KEYS:-20}
 LENGTHS=${LENGTHS:-1024 2048 4096 8192 16384}
 BEYOND=${BEYOND:-32768 65536}
-BUDGET=${BUDGET:-400}
+ROPE_1K=${ROPE_1K:-1e6}
+ROPE_16K=${ROPE_16K:-1e8}
+FAR=${FAR:-0.5}
+BUDGET=${BUDGET:-450}
 mkdir -p "$OUT" "$WORK"
 LOG=$OUT/passkey_gpu.log
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -38,14 +44,14 @@ say() { echo "[$(date +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
 transformers.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)"
 } 2>&1 | tee -a "$LOG"
 
-SIZE=${SIZE:-"--hidden_size 128 --intermediate_size 384 --num_hidden_layers 4 --num_attention_heads 8 --max_position_embeddings 262144"}
 # --passkey_boundary 256 (the shortest segment of both LongNets): half the answers whose slot allows it start a
 # new segment, as every answer of the evaluation's prompts of 1K-16K tokens does (docs/results/passkey.md)
 RECIPE="--passkey_share 1 --passkey_boundary 256 --passkey_answer_weight 64 --adam_beta2 0.95 --bf16 true --logging_steps 100 --save_steps 100000 --disable_tqdm true"
 # HOP: the LongNets' --passkey_hop (that share of their needles lies where the answer reads no copy directly, so
 # they learn to move the key across residues; the same texts, keys and questions as the dense model's)
 HOP=${HOP:-0.5}
-declare -A BRANCHES_1K=([dense]="--attention dense" [longnet]="--segment_lengths 256 4096 --dilation_rates 1 2 --passkey_hop $HOP"
+declare -A START=([dense]=dense-hop [longnet]=longnet-hop [paper]=longnet-hop)
+declare -A BRANCHES_1K=([dense]="" [longnet]="--segment_lengths 256 4096 --dilation_rates 1 2 --passkey_hop $HOP"
     [paper]="--segment_lengths 256 1024 4096 16384 --dilation_rates 1 2 4 8 --passkey_hop $HOP")
 declare -A BRANCHES_16K=([dense]="" [longnet]="--segment_lengths 256 65536 --dilation_rates 1 2 --passkey_hop $HOP"
     [paper]="--segment_lengths 256 1024 4096 16384 65536 --dilation_rates 1 2 4 8 16 --passkey_hop $HOP")
@@ -59,20 +65,29 @@ train() {  # name stage flags...: one training, its log kept whole in $WORK and 
         "$(grep -o "'loss': '[0-9.]*'" "$WORK/$name-$stage.log" | tail -1)"
 }
 
+say "stage 1, the synthetic hop: $STEPS_HOP steps"
+for kind in longnet dense; do  # each writes its model in the tokenizer's vocabulary ($WORK/KIND-hop)
+    save=$([ $kind = dense ] && echo --save_dense || echo --save)
+    python3 docs/results/hop_synthetic/hop_synthetic.py "$WORK/hop_$kind" --kinds $kind --distances even --layers 4 \
+        --heads 8 --intermediate_size 384 --max_positions 262144 --tokenizer "$TOKENIZER" $save "$WORK/$kind-hop" \
+        --steps "$STEPS_HOP" --device "$DEVICE" >"$WORK/hop_$kind.log" 2>&1 &
+done
+wait
+for kind in longnet dense; do say "hop_$kind: $(tail -1 "$WORK/hop_$kind.log")"; done
 say "1K stage: $STEPS_1K steps of 8 x 1024"
 for name in $MODELS; do
     # shellcheck disable=SC2086
-    train "$name" 1k --tokenizer_name "$TOKENIZER" $SIZE ${BRANCHES_1K[$name]} --block_size 1024 \
-        --per_device_train_batch_size 8 --max_steps "$STEPS_1K" --warmup_steps 50 --learning_rate 2e-3 \
-        --passkey_episodes 8 --seed 42 $RECIPE &
+    train "$name" 1k --model_name_or_path "$WORK/${START[$name]}" --rope_theta "$ROPE_1K" ${BRANCHES_1K[$name]} \
+        --block_size 1024 --per_device_train_batch_size 8 --max_steps "$STEPS_1K" --warmup_steps 50 \
+        --learning_rate 2e-3 --passkey_episodes 8 --seed 42 $RECIPE &
 done
 wait
 say "16K stage: $STEPS_16K steps of 1 x 16384"
 for name in $MODELS; do
     # shellcheck disable=SC2086
-    train "$name" 16k --model_name_or_path "$WORK/$name-1k" ${BRANCHES_16K[$name]} --block_size 16384 \
-        --per_device_train_batch_size 1 --max_steps "$STEPS_16K" --warmup_steps 20 --learning_rate 1e-3 \
-        --passkey_episodes 16 --seed 44 $RECIPE &
+    train "$name" 16k --model_name_or_path "$WORK/$name-1k" ${BRANCHES_16K[$name]} --rope_theta "$ROPE_16K" \
+        --block_size 16384 --per_device_train_batch_size 1 --max_steps "$STEPS_16K" --warmup_steps 20 \
+        --learning_rate 1e-3 --passkey_episodes 16 --passkey_far "$FAR" --seed 44 $RECIPE &
 done
 wait
 for name in $MODELS; do  # the weights first: they come back even if an evaluation runs out of time
@@ -113,5 +128,5 @@ if ((SECONDS <= BUDGET)); then
     done
 fi
 
-(cd "$WORK" && tar -czf "$OUT/results.tar.gz" ./*.log passkey_* tokens_* branches_* step_time_* 2>/dev/null)
+(cd "$WORK" && tar -czf "$OUT/results.tar.gz" ./*.log hop_* passkey_* tokens_* branches_* step_time_* 2>/dev/null)
 say "done"

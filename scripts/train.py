@@ -111,6 +111,7 @@ RUN_DEFINING = [
     "passkey_episodes",
     "passkey_boundary",
     "passkey_hop",
+    "passkey_far",
     "seed",
     "data_seed",
     "per_device_train_batch_size",
@@ -194,6 +195,13 @@ class DataArguments:
         metadata={
             "help": "Share of planted episodes (LongNet only) whose needle lies where the answer's positions read no "
             "copy of the key in one attention step, so the model must learn to move it (docs/results/passkey.md)."
+        },
+    )
+    passkey_far: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of planted episodes whose needle lies in the first quarter of its slot and whose answer "
+            "ends in the last: needles half to all of the slot back, which uniform places give rarely."
         },
     )
     passkey_answer_weight: float = field(
@@ -291,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
             data_args.passkey_boundary,
             data_args.passkey_hop,
             model.config,
+            far=data_args.passkey_far,
         )
         if not data_args.passkey_answer_weight:
             train_blocks = train_blocks.remove_columns("answer_mask")
@@ -461,8 +470,9 @@ def check_arguments(model_args, data_args, training_args) -> None:
             f"--passkey_boundary {data_args.passkey_boundary} leaves no boundary inside a block of --block_size "
             f"{data_args.block_size}: no answer would start on one"
         )
-    if not 0 <= data_args.passkey_hop <= 1:
-        fail(f"--passkey_hop must be between 0 and 1, got {data_args.passkey_hop}")
+    for name in ("passkey_hop", "passkey_far"):
+        if not 0 <= getattr(data_args, name) <= 1:
+            fail(f"--{name} must be between 0 and 1, got {getattr(data_args, name)}")
     if data_args.passkey_answer_weight < 0:
         fail(f"--passkey_answer_weight must be at least 0, got {data_args.passkey_answer_weight}")
     if not data_args.passkey_share:
@@ -470,6 +480,7 @@ def check_arguments(model_args, data_args, training_args) -> None:
             ("passkey_episodes", data_args.passkey_episodes != 1),
             ("passkey_boundary", data_args.passkey_boundary),
             ("passkey_hop", data_args.passkey_hop),
+            ("passkey_far", data_args.passkey_far),
             ("passkey_answer_weight", data_args.passkey_answer_weight),
         ):
             if given:

@@ -174,12 +174,14 @@ def test_fine_tune_from_a_trained_folder(trained, corpus, tmp_path):
             "0.5",
             "--passkey_episodes",
             "2",
+            "--passkey_far",
+            "0.25",
             "--passkey_answer_weight",
             "4",
             *TINY_ARGS,
         ]
     )
-    assert "Planting pass keys in 50% of the blocks (1 to 2 per block)" in result.stderr
+    assert "Planting pass keys in 50% of the blocks (1 to 2 per block), 25% of the needles far" in result.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["segment_lengths"] == [16, 32, 64, 128] and config["hidden_size"] == 32
     assert (out / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
@@ -516,6 +518,8 @@ def bad_inputs(folder: Path) -> dict[str, str]:
         ),
         (["--passkey_hop", "0.5"], "--passkey_hop needs --passkey_share above 0"),
         (["--passkey_share", "1", "--passkey_hop", "2"], "--passkey_hop must be between 0 and 1, got 2.0"),
+        (["--passkey_far", "0.5"], "--passkey_far needs --passkey_share above 0"),
+        (["--passkey_share", "1", "--passkey_far", "1.5"], "--passkey_far must be between 0 and 1, got 1.5"),
         (
             ["--passkey_share", "1", "--passkey_hop", "1", "--attention", "dense"],
             "--passkey_hop needs a LongNet: a llama model reads every copy of the key directly",

@@ -17,7 +17,8 @@ LongNet trained (--save_dense DIR: the last dense model) as a model of that toke
 `scripts/train.py --model_name_or_path DIR`: the 256 token ids become the tokenizer's digit tokens (pass keys
 are made of them) and others drawn from it, the other rows of the embedding freshly initialised;
 --intermediate_size and --max_positions set the rest of the pass-key models' size. With --full_vocabulary the
-models train with the tokenizer's whole embedding table (the same 256 ids drawn from it) instead.
+models train with the tokenizer's whole embedding table (the same 256 ids drawn from it) instead. --device
+trains elsewhere than on the CPU (the batches are drawn on the CPU either way, so a seed gives the same data).
 """
 
 import argparse
@@ -85,7 +86,7 @@ def accuracy(model: torch.nn.Module, held_out: list[tuple[torch.Tensor, torch.Te
         for ids, labels in held_out:
             correct = model(ids).logits[:, :-1].argmax(-1) == labels[:, 1:]
             scored = labels[:, 1:] != -100
-            even = (torch.arange(LENGTH - 1) % 2 == 0).expand_as(scored)
+            even = (torch.arange(LENGTH - 1, device=scored.device) % 2 == 0).expand_as(scored)
             for i, where in enumerate((scored, scored & even, scored & ~even)):
                 right[i] += correct[where].sum()
                 total[i] += where.sum()
@@ -108,6 +109,7 @@ def main() -> None:
     parser.add_argument("--full_vocabulary", action="store_true", help="train with the tokenizer's embedding table")
     parser.add_argument("--save", type=Path, help="a folder for the last LongNet trained (and the tokenizer)")
     parser.add_argument("--save_dense", type=Path, help="a folder for the last dense model trained (and the tokenizer)")
+    parser.add_argument("--device", default="cpu", help="where the models train, e.g. cuda")
     args = parser.parse_args()
     if not 1 <= args.local_segment <= 32:
         parser.error(f"--local_segment must be 1 to 32 (span and repeat lie >= 32 apart), got {args.local_segment}")
@@ -153,14 +155,15 @@ def main() -> None:
         if name not in args.distances:
             continue
         held_out = [batch(torch.Generator().manual_seed(10_000 + i), parity, tokens) for i in range(4)]
+        held_out = [(ids.to(args.device), labels.to(args.device)) for ids, labels in held_out]
         for kind in args.kinds:
-            model = model_of(kind, args.seed, longnet_config)
+            model = model_of(kind, args.seed, longnet_config).to(args.device)
             optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.95), weight_decay=0.0)
             generator = torch.Generator().manual_seed(args.seed)
             curve, begin = [(0, accuracy(model.eval(), held_out))], time.perf_counter()
             for step in range(1, args.steps + 1):
                 model.train()
-                ids, labels = batch(generator, parity, tokens)
+                ids, labels = (t.to(args.device) for t in batch(generator, parity, tokens))
                 for group in optimizer.param_groups:
                     group["lr"] = LEARNING_RATE * min(1.0, step / WARMUP)
                 loss = model(ids, labels=labels).loss
@@ -175,7 +178,7 @@ def main() -> None:
             results[f"{kind}, {name} distance"] = curve
             if folders[kind]:
                 fresh = None if args.full_vocabulary else model_of(kind, args.seed, saved_config)
-                saved = model if fresh is None else with_vocabulary(model, fresh, drawn_ids)
+                saved = model.cpu() if fresh is None else with_vocabulary(model.cpu(), fresh, drawn_ids)
                 saved.save_pretrained(folders[kind])
                 tokenizer.save_pretrained(folders[kind])
     (args.out_dir / "hop_synthetic.json").write_text(json.dumps(results, indent=1))
