@@ -147,7 +147,7 @@ def plant_passkeys(
 
     With ``far`` > 0, that share of the episodes puts its needle in its slot's first quarter and ends in the
     slot's last quarter: the needle lies half to all of the slot back, distances that uniform places give
-    rarely (with one episode per block, 7 % of needles lie over 3/4 of the block back; of far episodes, half)."""
+    rarely (with one episode per block, about 6 % of needles lie over 3/4 of the block back; of far episodes, half)."""
     for name, value in (("hop", hop), ("far", far)):
         if not 0 <= value <= 1:
             raise ValueError(f"{name} must be between 0 and 1, got {value}")
