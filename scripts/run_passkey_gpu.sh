@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 15's retrieval recipe on a GPU, as one run of at most about 8 minutes on a lent machine: the same
-# commands as the CPU runs of docs/results/passkey.md, with more steps. Three models of one size (4 layers,
-# hidden 128, 8 heads, intermediate 384: stage 1's) and one tokenizer train side by side on the GPU (tiny
-# models leave it mostly idle):
+# Issue 15's retrieval recipe on a GPU, as one run of about 8 minutes on a lent machine (stage 1 not yet
+# timed on one): the same commands as the CPU runs of docs/results/passkey.md, with more steps. Three models
+# of one size (4 layers, hidden 128, 8 heads, intermediate 384: stage 1's) and one tokenizer train side by
+# side on the GPU (tiny models leave it mostly idle):
 #   dense    a Llama (SDPA)
 #   longnet  LongNet, w = 256, 4096 (r = 1, 2) at 1K, then w = 256, 65536 at 16K
 #   paper    LongNet with rates growing with the segment: w = 256 ... 16384 (r = 1, 2, 4, 8), + 65536 (r = 16)
