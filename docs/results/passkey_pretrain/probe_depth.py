@@ -44,14 +44,16 @@ def probe_copy_ends(model, tokenizer, haystack: list[int], length: int, ends: li
     """Per first-copy end: whole keys right and each key token right by its position in the prompt."""
     question = len(tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
     rng = random.Random("probe-25")
-    prompts = [make_prompt(tokenizer, haystack, length, 25, rng) for _ in range(PROMPTS)]
+    prompts = []  # each prompt with its key's tokens, its needle's and where the needle's first key copy ends
+    for _ in range(PROMPTS):
+        prompt = make_prompt(tokenizer, haystack, length, 25, rng)
+        key_ids = tokenizer(" " + prompt.key, add_special_tokens=False)["input_ids"]
+        needle = tokenizer(NEEDLE.format(key=prompt.key), add_special_tokens=False)["input_ids"]
+        prompts.append((prompt, key_ids, needle, key_copies(needle, key_ids)[0] + len(key_ids) - 1))
     for end in ends:
         by_position, whole = {}, 0
-        for prompt in prompts:
-            key_ids = tokenizer(" " + prompt.key, add_special_tokens=False)["input_ids"]
-            needle = tokenizer(NEEDLE.format(key=prompt.key), add_special_tokens=False)["input_ids"]
-            first_copy = key_copies(needle, key_ids)[0]
-            moved = with_first_copy_ending_at(prompt, needle, question, first_copy + len(key_ids) - 1, end)
+        for prompt, key_ids, needle, copy_end in prompts:
+            moved = with_first_copy_ending_at(prompt, needle, question, copy_end, end)
             assert len(moved.ids) == length and moved.ids[end - len(key_ids) + 1 : end + 1] == key_ids
             correct = [t == k for t, k in zip(predicted_key(model, moved, key_ids), key_ids, strict=True)]
             whole += all(correct)
