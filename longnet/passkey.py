@@ -225,6 +225,25 @@ def answer(text: str) -> str | None:
 
 
 @torch.no_grad()
+def key_in_prompt(tokenizer, prompt: Prompt) -> tuple[list[int], list[int]]:
+    """The key's tokens as an answer tokenizes them, and the prompt positions where the needle holds them."""
+    key_ids = tokenizer(" " + prompt.key, add_special_tokens=False)["input_ids"]
+    needle = tokenizer(NEEDLE.format(key=prompt.key), add_special_tokens=False)["input_ids"]
+    return key_ids, [prompt.needle_start + i for i in key_copies(needle, key_ids)]
+
+
+def copies_read(config, tokenizer, prompt: Prompt) -> int | None:
+    """How many of the needle's two key copies the answer reads in one attention step, the fewest over the
+    key's tokens (each predicted from the position before it, ``sees_directly``); None when the needle does
+    not hold the key's tokens as an answer tokenizes them. Why: in an r = 2 branch a 3-token key's copies
+    (8 tokens apart) share a residue, so a prompt reads both or neither; a 4-token key's (9 apart) one."""
+    key_ids, copies = key_in_prompt(tokenizer, prompt)
+    if not copies:
+        return None
+    query = len(prompt.ids) - 1  # predicts the key's first token
+    return min(sum(sees_directly(config, query + j, copy + j) for copy in copies) for j in range(len(key_ids)))
+
+
 def passkey_accuracy(
     model,
     tokenizer,
@@ -235,15 +254,21 @@ def passkey_accuracy(
     batch_size: int = 1,
     seed: int = 0,
     description: str = "",
-) -> dict[int, dict[float, float]]:
-    """``{length: {depth: accuracy}}``: greedy exact match of the key over ``keys_per_cell`` prompts a cell.
+) -> tuple[dict[int, dict[float, float]], dict[int, tuple[int, int]]]:
+    """``({length: {depth: accuracy}}, {copies read: (right, prompts)})``: greedy exact match of the key over
+    ``keys_per_cell`` prompts a cell, and over all cells by ``copies_read`` (empty for a model without a
+    config, e.g. a stand-in).
 
     The prompts depend only on the tokenizer, the haystack and ``seed``, so models that share a tokenizer
-    are asked the same questions."""
+    are asked the same questions. Why the second count: a LongNet cell mixes prompts whose answer reads the
+    key directly with prompts where it must be moved across residues first, in proportions set by where the
+    depth puts the needle, so a cell's accuracy can say more about that mix than about the distance."""
     model.eval()
     device = next(model.parameters()).device
+    config = getattr(model, "config", None)
     answer_tokens = len(tokenizer(" " + "9" * KEY_DIGITS, add_special_tokens=False)["input_ids"]) + 2
     results: dict[int, dict[float, float]] = {}
+    by_copies: dict[int, list[int]] = {}
     cells = [(length, depth) for length in lengths for depth in depths]
     with tqdm(total=len(cells) * keys_per_cell, desc=f"passkey {description}".strip(), unit="key") as progress:
         for length, depth in cells:
@@ -261,10 +286,16 @@ def passkey_accuracy(
                     pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                 )
                 texts = tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
-                right += sum(answer(text) == prompt.key for text, prompt in zip(texts, batch, strict=True))
+                for text, prompt in zip(texts, batch, strict=True):
+                    correct = answer(text) == prompt.key
+                    right += correct
+                    if config is not None and (seen := copies_read(config, tokenizer, prompt)) is not None:
+                        tally = by_copies.setdefault(seen, [0, 0])
+                        tally[0] += correct
+                        tally[1] += 1
                 progress.update(len(batch))
             results.setdefault(length, {})[depth] = right / keys_per_cell
-    return results
+    return results, {seen: (right, total) for seen, (right, total) in sorted(by_copies.items())}
 
 
 @torch.no_grad()
@@ -352,9 +383,7 @@ def retrieval_by_token(
     counts = {row: {} for row in TOKEN_ROWS}
     skipped = 0
     for prompt in tqdm(asked, desc=f"answer tokens at {length}", unit="prompt"):
-        key_ids = tokenizer(" " + prompt.key, add_special_tokens=False)["input_ids"]
-        needle = tokenizer(NEEDLE.format(key=prompt.key), add_special_tokens=False)["input_ids"]
-        copies = [prompt.needle_start + i for i in key_copies(needle, key_ids)]
+        key_ids, copies = key_in_prompt(tokenizer, prompt)
         if not copies:
             skipped += 1
             continue
@@ -371,9 +400,15 @@ def retrieval_by_token(
     return {row: {seen: tuple(cell) for seen, cell in sorted(cells.items())} for row, cells in counts.items()}, skipped
 
 
-def write_passkey_report(results: dict[str, dict[int, dict[float, float]]], out: Path, notes: str = "") -> None:
-    """``{model: {length: {depth: accuracy}}}`` -> ``out/passkey.json``, ``out/passkey.md`` (a table per model
-    and one by distance) and ``out/passkey_<model>.png`` (heatmaps)."""
+def write_passkey_report(
+    results: dict[str, dict[int, dict[float, float]]],
+    out: Path,
+    notes: str = "",
+    by_copies: dict[str, dict[int, tuple[int, int]]] | None = None,
+) -> None:
+    """``{model: {length: {depth: accuracy}}}`` -> ``out/passkey.json``, ``out/passkey.md`` (a table per model,
+    one by distance and, given ``by_copies`` (``{model: {copies read: (right, prompts)}}``, from
+    ``passkey_accuracy``), one by the key copies read) and ``out/passkey_<model>.png`` (heatmaps)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "passkey.json").write_text(
         json.dumps(
@@ -396,6 +431,8 @@ def write_passkey_report(results: dict[str, dict[int, dict[float, float]]], out:
             lines.append(f"| {depth:g}% | " + " | ".join(f"{cells[length][depth]:.2f}" for length in lengths) + " |")
         lines.append("")
     lines += distance_table(results)
+    if by_copies := {name: counts for name, counts in (by_copies or {}).items() if counts}:
+        lines += ["", *copies_table(by_copies)]
     (out / "passkey.md").write_text("\n".join(lines) + "\n")
     for name, cells in results.items():
         heatmap(name, cells, out / f"passkey_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png")
@@ -419,6 +456,27 @@ def distance_table(results: dict[str, dict[int, dict[float, float]]]) -> list[st
             for name in results
         ]
         lines.append(f"| {bucket} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def copies_table(by_copies: dict[str, dict[int, tuple[int, int]]]) -> list[str]:
+    """Exact match over all cells by how many of the needle's two key copies the answer reads in one step."""
+    counts = sorted({seen for tallies in by_copies.values() for seen in tallies})
+    lines = [
+        "## Exact match by the key copies the answer reads in one step",
+        "",
+        "All cells together; a dense model reads both copies of every prompt, a LongNet only those at the answer's "
+        "residue in some branch (`copies_read`): with none it must first move the key across residues.",
+        "",
+        "| copies read | " + " | ".join(by_copies) + " |",
+        "|---:|" + "---:|" * len(by_copies),
+    ]
+    for seen in counts:
+        cells = []
+        for tallies in by_copies.values():
+            right, total = tallies.get(seen, (0, 0))
+            cells.append(f"{right}/{total} ({right / total:.2f})" if total else "")
+        lines.append(f"| {seen} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -246,12 +246,12 @@ def passkey_haystack(args, tokenizer, token_lists: list[list[int]]) -> list[int]
 
 def evaluate_passkey(args, names: list[str], tokenizer, haystack: list[int], documents: int) -> None:
     """The pass key grid for every model, on one haystack."""
-    results, reach = {}, []
+    results, by_copies, reach = {}, {}, []
     for name, folder in zip(names, args.models, strict=True):
         model = load_model(folder, args, tokenizer)
         if note := answer_reach(model.config, args.lengths):
             reach.append(f"{name}: {note}")
-        results[name] = passkey_accuracy(
+        results[name], by_copies[name] = passkey_accuracy(
             model,
             tokenizer,
             haystack,
@@ -271,6 +271,7 @@ def evaluate_passkey(args, names: list[str], tokenizer, haystack: list[int], doc
         notes=f"{args.keys_per_cell} keys per cell, greedy decoding ({args.dtype}); haystack: "
         f"{documents} held-out documents, {len(haystack)} tokens, windows from seed {args.seed}."
         + "".join(f"\n\n{line}" for line in reach),
+        by_copies=by_copies,
     )
     print(f"wrote {out}/passkey.md, {out}/passkey.json and a heatmap per model")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import TINY, make_model, random_ids, stdlib_text
 
+from longnet import LongNetConfig
 from longnet.passkey import (
     NEEDLE,
     QUESTION,
@@ -68,8 +69,36 @@ def test_prompt_has_the_length_and_the_needle_at_the_depth(tokenizer, haystack, 
 @pytest.mark.parametrize("reads, expected", [(True, 1.0), (False, 0.0)])
 def test_accuracy_is_the_share_of_keys_answered(tokenizer, haystack, reads, expected):
     model = StandIn(tokenizer, reads)
-    results = passkey_accuracy(model, tokenizer, haystack, [128, 256], [0, 50, 100], 5, batch_size=2)
+    results, by_copies = passkey_accuracy(model, tokenizer, haystack, [128, 256], [0, 50, 100], 5, batch_size=2)
     assert results == {length: {depth: expected for depth in (0, 50, 100)} for length in (128, 256)}
+    assert by_copies == {}  # a stand-in without a config
+
+
+class ReadsAtItsResidue(StandIn):
+    """A stand-in with one r = 2 branch over the whole prompt, right only when both key copies start at the
+    residue of the prompt's last position (so every key token's copies are at its predicting position's)."""
+
+    config = LongNetConfig(**TINY, segment_lengths=[4096], dilation_rates=[2])
+
+    def generate(self, ids, max_new_tokens, **kwargs):
+        rows = []
+        for row in ids.tolist():
+            key = re.search(r"pass key is (\d{5})", self.tokenizer.decode(row)).group(1)
+            key_ids = self.tokenizer(" " + key, add_special_tokens=False)["input_ids"]
+            starts = [i for i in range(len(row)) if row[i : i + len(key_ids)] == key_ids]
+            both = len(starts) == 2 and all(start % 2 == (len(row) - 1) % 2 for start in starts)
+            new = self.tokenizer(" " + (key if both else "00000"), add_special_tokens=False)["input_ids"]
+            rows.append(torch.tensor(new + [0] * (max_new_tokens - len(new))))
+        return torch.cat([ids, torch.stack(rows)], 1)
+
+
+def test_exact_match_by_copies_read_counts_each_prompt_by_the_copies_at_the_answers_residue(tokenizer, haystack):
+    model = ReadsAtItsResidue(tokenizer, reads=True)
+    results, by_copies = passkey_accuracy(model, tokenizer, haystack, [128, 257], [0, 25, 50, 75, 100], 8)
+    assert sum(total for _, total in by_copies.values()) == 2 * 5 * 8
+    assert set(by_copies) <= {0, 1, 2} and by_copies[2][1] > 0 and by_copies[2][0] == by_copies[2][1]
+    assert all(right == 0 for seen, (right, _) in by_copies.items() if seen != 2)
+    assert by_copies.get(0, (0, 0))[1] + by_copies.get(1, (0, 0))[1] > 0
 
 
 @pytest.mark.parametrize(
@@ -85,13 +114,15 @@ def test_report_files(tmp_path):
         "LongNet": {128: {0.0: 1.0, 100.0: 0.5}, 256: {0.0: 0.25, 100.0: 1.0}},
         "Llama": {128: {0.0: 0.0, 100.0: 0.0}},
     }
-    write_passkey_report(results, tmp_path, notes="two models")
+    by_copies = {"LongNet": {0: (3, 4), 2: (1, 2)}, "Llama": {}}  # a model without counts gets no column
+    write_passkey_report(results, tmp_path, notes="two models", by_copies=by_copies)
     saved = json.loads((tmp_path / "passkey.json").read_text())
     assert saved["LongNet"]["256"]["0.0"] == 0.25 and saved["Llama"]["128"]["100.0"] == 0.0
     table = (tmp_path / "passkey.md").read_text()
     assert "| 0% | 1.00 | 0.25 |" in table and "## Accuracy by distance from the question" in table
     # Distances: depth 100 -> 1 token (both lengths), depth 0 -> 128 and 256 tokens.
     assert "| 1 | 0.75 | 0.00 |" in table and "| 256 | 0.25 |  |" in table
+    assert "| copies read | LongNet |" in table and "| 0 | 3/4 (0.75) |" in table and "| 2 | 1/2 (0.50) |" in table
     assert (tmp_path / "passkey_LongNet.png").stat().st_size > 0 and (tmp_path / "passkey_Llama.png").exists()
 
 

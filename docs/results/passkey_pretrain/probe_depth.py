@@ -9,6 +9,8 @@ key-token analysis mixes all depths. --each also prints every prompt's key copie
 the dip at depth 25 % of 1024 is a key token at the last position of a 256-token segment). --copy_ends P ...
 moves each prompt's needle (of the depth 25 % prompts) so that its first key copy ends at position P, and prints
 per P the key tokens right by their position (session 23: which token of a key crossing a segment end fails).
+--each also says how many key copies each prompt's answer reads in one step (session 24: the misses at 4K and 16K
+are keys whose answer reads both copies, in their second token).
 """
 
 import argparse
@@ -19,7 +21,16 @@ import sysconfig
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from longnet.passkey import NEEDLE, QUESTION, Prompt, key_copies, make_prompt, sees_directly
+from longnet.passkey import (
+    NEEDLE,
+    QUESTION,
+    Prompt,
+    copies_read,
+    key_copies,
+    key_in_prompt,
+    make_prompt,
+    sees_directly,
+)
 
 PROMPTS = 40
 
@@ -87,15 +98,17 @@ def main() -> None:
         right, asked, whole = [0, 0, 0], [0, 0, 0], 0  # keys have 2 to 4 tokens
         for _ in range(PROMPTS):
             prompt = make_prompt(tokenizer, haystack, args.length, depth, rng)
-            key_ids = tokenizer(" " + prompt.key, add_special_tokens=False)["input_ids"]
-            needle = tokenizer(NEEDLE.format(key=prompt.key), add_special_tokens=False)["input_ids"]
-            copies = [prompt.needle_start + i for i in key_copies(needle, key_ids)]
+            key_ids, copies = key_in_prompt(tokenizer, prompt)
             predicted = predicted_key(model, prompt, key_ids)
             correct = [token == key_ids[j] for j, token in enumerate(predicted)]
             if args.each:
                 spans = ", ".join(f"{start}-{start + len(key_ids) - 1}" for start in copies)
                 shown = " ".join(repr(tokenizer.decode([token])) for token in predicted)
-                print(f"  key {prompt.key}: copies at {spans}, predicted {shown}{'' if all(correct) else '  (wrong)'}")
+                seen = copies_read(model.config, tokenizer, prompt)
+                print(
+                    f"  key {prompt.key}: copies at {spans} ({seen} read in one step), predicted {shown}"
+                    + ("" if all(correct) else "  (wrong)")
+                )
             for j, hit in enumerate(correct[:3]):
                 right[j] += hit
                 asked[j] += 1
