@@ -224,7 +224,6 @@ def answer(text: str) -> str | None:
     return found.group(0) if found and len(found.group(0)) == KEY_DIGITS else None
 
 
-@torch.no_grad()
 def key_in_prompt(tokenizer, prompt: Prompt) -> tuple[list[int], list[int]]:
     """The key's tokens as an answer tokenizes them, and the prompt positions where the needle holds them."""
     key_ids = tokenizer(" " + prompt.key, add_special_tokens=False)["input_ids"]
@@ -244,6 +243,7 @@ def copies_read(config, tokenizer, prompt: Prompt) -> int | None:
     return min(sum(sees_directly(config, query + j, copy + j) for copy in copies) for j in range(len(key_ids)))
 
 
+@torch.no_grad()
 def passkey_accuracy(
     model,
     tokenizer,

@@ -94,7 +94,7 @@ class ReadsAtItsResidue(StandIn):
 
 def test_exact_match_by_copies_read_counts_each_prompt_by_the_copies_at_the_answers_residue(tokenizer, haystack):
     model = ReadsAtItsResidue(tokenizer, reads=True)
-    results, by_copies = passkey_accuracy(model, tokenizer, haystack, [128, 257], [0, 25, 50, 75, 100], 8)
+    _, by_copies = passkey_accuracy(model, tokenizer, haystack, [128, 257], [0, 25, 50, 75, 100], 8)
     assert sum(total for _, total in by_copies.values()) == 2 * 5 * 8
     assert set(by_copies) <= {0, 1, 2} and by_copies[2][1] > 0 and by_copies[2][0] == by_copies[2][1]
     assert all(right == 0 for seen, (right, _) in by_copies.items() if seen != 2)
