@@ -178,11 +178,7 @@ def plant_passkeys(
             copies, answer_start = key_copies(needle, key_ids), end - len(reply)
 
             def reads_a_copy(at: int) -> bool:
-                return any(
-                    sees_directly(config, answer_start - 1 + j, at + copy + j)
-                    for copy in copies
-                    for j in range(len(key_ids))
-                )
+                return any(copies_seen(config, answer_start - 1, [at + copy for copy in copies], len(key_ids)))
 
             for _ in range(HOP_TRIES - 1):
                 if not reads_a_copy(at):
@@ -239,8 +235,7 @@ def copies_read(config, tokenizer, prompt: Prompt) -> int | None:
     key_ids, copies = key_in_prompt(tokenizer, prompt)
     if not copies:
         return None
-    query = len(prompt.ids) - 1  # predicts the key's first token
-    return min(sum(sees_directly(config, query + j, copy + j) for copy in copies) for j in range(len(key_ids)))
+    return min(copies_seen(config, len(prompt.ids) - 1, copies, len(key_ids)))
 
 
 @torch.no_grad()
@@ -357,6 +352,12 @@ def sees_directly(config, query: int, key: int) -> bool:
     )
 
 
+def copies_seen(config, first_query: int, copies: list[int], tokens: int) -> list[int]:
+    """For each of a key's ``tokens`` tokens j: how many of its copies (their first positions, ``copies``) the
+    position predicting it, ``first_query + j``, reads in one attention step (``sees_directly``)."""
+    return [sum(sees_directly(config, first_query + j, copy + j) for copy in copies) for j in range(tokens)]
+
+
 TOKEN_ROWS = ("first token", "later tokens", "later tokens, from even positions", "later tokens, from odd positions")
 
 
@@ -390,8 +391,8 @@ def retrieval_by_token(
         ids = torch.tensor([prompt.ids + key_ids], device=device)
         # Position length - 1 + j predicts key token j.
         predicted = model(ids, use_cache=False, logits_to_keep=len(key_ids) + 1).logits[0, :-1].argmax(-1)
-        for j, token in enumerate(key_ids):
-            seen = sum(sees_directly(model.config, length - 1 + j, copy + j) for copy in copies)
+        seen_by_token = copies_seen(model.config, length - 1, copies, len(key_ids))
+        for j, (token, seen) in enumerate(zip(key_ids, seen_by_token, strict=True)):
             rows = [TOKEN_ROWS[0]] if j == 0 else [TOKEN_ROWS[1], TOKEN_ROWS[2 + (length - 1 + j) % 2]]
             for row in rows:
                 cell = counts[row].setdefault(seen, [0, 0])

@@ -25,11 +25,10 @@ from longnet.passkey import (
     NEEDLE,
     QUESTION,
     Prompt,
-    copies_read,
+    copies_seen,
     key_copies,
     key_in_prompt,
     make_prompt,
-    sees_directly,
 )
 
 PROMPTS = 40
@@ -101,12 +100,12 @@ def main() -> None:
             key_ids, copies = key_in_prompt(tokenizer, prompt)
             predicted = predicted_key(model, prompt, key_ids)
             correct = [token == key_ids[j] for j, token in enumerate(predicted)]
+            seen_by_token = copies_seen(model.config, args.length - 1, copies, len(key_ids))
             if args.each:
                 spans = ", ".join(f"{start}-{start + len(key_ids) - 1}" for start in copies)
                 shown = " ".join(repr(tokenizer.decode([token])) for token in predicted)
-                seen = copies_read(model.config, tokenizer, prompt)
                 print(
-                    f"  key {prompt.key}: copies at {spans} ({seen} read in one step), predicted {shown}"
+                    f"  key {prompt.key}: copies at {spans} ({min(seen_by_token)} read in one step), predicted {shown}"
                     + ("" if all(correct) else "  (wrong)")
                 )
             for j, hit in enumerate(correct[:3]):
@@ -114,8 +113,7 @@ def main() -> None:
                 asked[j] += 1
             whole += all(correct)
             counts = by_copies["far (depth <= 25 %)" if depth <= 25 else "near (depth > 25 %)"]
-            for j in range(1, len(key_ids)):
-                seen = sum(sees_directly(model.config, args.length - 1 + j, copy + j) for copy in copies)
+            for j, seen in enumerate(seen_by_token[1:], start=1):
                 cell = counts.setdefault(seen, [0, 0])
                 cell[0] += correct[j]
                 cell[1] += 1
