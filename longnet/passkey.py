@@ -123,6 +123,7 @@ def plant_passkeys(
     hop: float = 0.0,
     config=None,
     far: float = 0.0,
+    far_window: float = 0.25,
 ):
     """Training blocks (``input_ids``, ``labels``, ``position_ids``) of which about ``share`` carry pass keys.
 
@@ -147,10 +148,14 @@ def plant_passkeys(
 
     With ``far`` > 0, that share of the episodes puts its needle in its slot's first quarter and ends in the
     slot's last quarter: the needle lies half to all of the slot back, distances that uniform places give
-    rarely (with one episode per block, about 6 % of needles lie over 3/4 of the block back; of far episodes, half)."""
+    rarely (with one episode per block, about 6 % of needles lie over 3/4 of the block back; of far episodes, half).
+    ``far_window`` is that part of the slot at each end (a quarter by default): 1/16 puts far needles 7/8 to all
+    of the slot back, where a question at the end of a prompt as long as the block finds a needle at its start."""
     for name, value in (("hop", hop), ("far", far)):
         if not 0 <= value <= 1:
             raise ValueError(f"{name} must be between 0 and 1, got {value}")
+    if not 0 < far_window <= 0.5:
+        raise ValueError(f"far_window must be above 0 and at most 0.5 (a part of each end of a slot), got {far_window}")
     if hop and not getattr(config, "segment_lengths", None):
         raise ValueError("hop needs the config of the LongNet trained (a dense model reads every copy directly)")
     shortest_episode = planting_tokens(tokenizer) + 1
@@ -159,10 +164,11 @@ def plant_passkeys(
     def plant_episode(ids: list[int], mask: list[int], start: int, ends: range, rng: random.Random) -> None:
         """Writes one episode into ``ids[start:end]`` (in place), ``end`` drawn from ``ends``, and marks its
         answer in ``mask``; with a ``boundary``, half the time ``end`` is one where the answer starts on one."""
-        nearest = ends.stop  # the needle's last place: the slot's end, or its first quarter's for a far episode
+        nearest = ends.stop  # the needle's last place: the slot's end, or its first window's for a far episode
         if far and rng.random() < far:
             slot = ends.stop - 1 - start
-            ends, nearest = range(max(ends.start, start + 3 * slot // 4), ends.stop), start + slot // 4
+            ends = range(max(ends.start, start + int(slot * (1 - far_window))), ends.stop)
+            nearest = start + int(slot * far_window)
         end = ends[-1] - rng.randrange(len(ends))
         key, needle = random_needle(tokenizer, rng)
         reply = tokenizer(" " + key + "\n", add_special_tokens=False)["input_ids"]
@@ -210,6 +216,8 @@ def plant_passkeys(
         description += f" (1 to {episodes} per block)"
     if far:
         description += f", {far:.0%} of the needles far"
+        if far_window != 0.25:
+            description += f" (in their slot's first {far_window:g}, answered in its last)"
     return blocks.map(plant, with_indices=True, desc=description)
 
 

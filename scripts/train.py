@@ -112,6 +112,7 @@ RUN_DEFINING = [
     "passkey_boundary",
     "passkey_hop",
     "passkey_far",
+    "passkey_far_window",
     "seed",
     "data_seed",
     "per_device_train_batch_size",
@@ -202,6 +203,13 @@ class DataArguments:
         metadata={
             "help": "Share of planted episodes whose needle lies in the first quarter of its slot and whose answer "
             "ends in the last: needles half to all of the slot back, which uniform places give rarely."
+        },
+    )
+    passkey_far_window: float = field(
+        default=0.25,
+        metadata={
+            "help": "The part of the slot at each end where far episodes put their needle (the first) and end (the "
+            "last): 1/16 = 0.0625 trains the distances of a needle at the start of a prompt as long as the block."
         },
     )
     passkey_answer_weight: float = field(
@@ -300,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
             data_args.passkey_hop,
             model.config,
             far=data_args.passkey_far,
+            far_window=data_args.passkey_far_window,
         )
         if not data_args.passkey_answer_weight:
             train_blocks = train_blocks.remove_columns("answer_mask")
@@ -473,6 +482,10 @@ def check_arguments(model_args, data_args, training_args) -> None:
     for name in ("passkey_hop", "passkey_far"):
         if not 0 <= getattr(data_args, name) <= 1:
             fail(f"--{name} must be between 0 and 1, got {getattr(data_args, name)}")
+    if not 0 < data_args.passkey_far_window <= 0.5:
+        fail(f"--passkey_far_window must be above 0 and at most 0.5, got {data_args.passkey_far_window}")
+    if data_args.passkey_far_window != 0.25 and not data_args.passkey_far:
+        fail("--passkey_far_window needs --passkey_far above 0 (no episode is far)")
     if data_args.passkey_answer_weight < 0:
         fail(f"--passkey_answer_weight must be at least 0, got {data_args.passkey_answer_weight}")
     if not data_args.passkey_share:

@@ -477,20 +477,23 @@ def test_hop_episodes_put_the_needle_where_the_answer_reads_no_copy(tokenizer, h
         assert 0.25 <= read / (read + unread) <= 0.75
 
 
-@pytest.mark.parametrize("far", [0.0, 1.0])
-def test_far_episodes_put_the_needle_in_the_first_quarter_and_the_answer_in_the_last(tokenizer, haystack, far):
-    """With ``far=1`` every episode's needle starts in its slot's first quarter and its answer ends in the
-    slot's last quarter (by chance, here: 47 and 30 of 66 episodes, as a needle with its question and answer
-    fills up to a third of a 300-token slot); off, planting is what it was without the option."""
+@pytest.mark.parametrize(("far", "window"), [(0.0, 0.25), (1.0, 0.25), (1.0, 0.0625)])
+def test_far_episodes_put_the_needle_in_the_first_window_and_the_answer_in_the_last(tokenizer, haystack, far, window):
+    """With ``far=1`` every episode's needle starts in its slot's first quarter (``far_window``) and its answer
+    ends in the slot's last (by chance, with ``far=0``: 48 and 30 of 66 episodes in the quarters, as a needle with
+    its question and answer fills up to a third of a 300-token slot); off, planting is what it was without the
+    option."""
     length = 1200
     blocks = haystack_blocks(haystack, 24, length)
-    planted = plant_passkeys(blocks, tokenizer, share=1.0, seed=9, episodes=4, boundary=64, far=far)
+    planted = plant_passkeys(blocks, tokenizer, share=1.0, seed=9, episodes=4, boundary=64, far=far, far_window=window)
     with pytest.raises(ValueError, match="far must be between 0 and 1, got -0.5"):
         plant_passkeys(blocks, tokenizer, share=1.0, seed=9, far=-0.5)
+    with pytest.raises(ValueError, match="far_window must be above 0 and at most 0.5 .*, got 0.75"):
+        plant_passkeys(blocks, tokenizer, share=1.0, seed=9, far=1.0, far_window=0.75)
     if not far:
         assert planted[:] == plant_passkeys(blocks, tokenizer, share=1.0, seed=9, episodes=4, boundary=64)[:]
-    needle_ids = tokenizer("The pass key is", add_special_tokens=False)["input_ids"]
-    first_quarter, last_quarter, episodes = 0, 0, 0
+    needle_ids = tokenizer(NEEDLE[: NEEDLE.index("{key}")], add_special_tokens=False)["input_ids"]
+    first_window, last_window, episodes = 0, 0, 0
     for block in planted:
         ids, mask = block["input_ids"], block["answer_mask"]
         ends = [i + 1 for i in range(length) if mask[i] and (i + 1 == length or not mask[i + 1])]
@@ -498,14 +501,14 @@ def test_far_episodes_put_the_needle_in_the_first_quarter_and_the_answer_in_the_
         slots = [(length * i // len(ends), length * (i + 1) // len(ends)) for i in range(len(ends))]
         for end, (start, stop) in zip(ends, slots, strict=True):
             needle = min(at for at in needles if start <= at < end)  # (the needle says it twice)
-            first_quarter += needle <= start + (stop - start) // 4
-            last_quarter += end >= start + 3 * (stop - start) // 4
+            first_window += needle - start <= window * (stop - start)
+            last_window += end - start > (1 - window) * (stop - start) - 1
             episodes += 1
     assert episodes > 40
     if far:
-        assert first_quarter == last_quarter == episodes
+        assert first_window == last_window == episodes
     else:
-        assert first_quarter < 0.8 * episodes and last_quarter < 0.6 * episodes
+        assert first_window < 0.8 * episodes and last_window < 0.6 * episodes
 
 
 def test_answer_weighted_loss_adds_weighted_answer_tokens(tokenizer, haystack):

@@ -176,12 +176,17 @@ def test_fine_tune_from_a_trained_folder(trained, corpus, tmp_path):
             "2",
             "--passkey_far",
             "0.25",
+            "--passkey_far_window",
+            "0.125",
             "--passkey_answer_weight",
             "4",
             *TINY_ARGS,
         ]
     )
-    assert "Planting pass keys in 50% of the blocks (1 to 2 per block), 25% of the needles far" in result.stderr
+    assert (
+        "Planting pass keys in 50% of the blocks (1 to 2 per block), 25% of the needles far (in their slot's first "
+        "0.125, answered in its last)" in result.stderr
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["segment_lengths"] == [16, 32, 64, 128] and config["hidden_size"] == 32
     assert (out / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
@@ -520,6 +525,11 @@ def bad_inputs(folder: Path) -> dict[str, str]:
         (["--passkey_share", "1", "--passkey_hop", "2"], "--passkey_hop must be between 0 and 1, got 2.0"),
         (["--passkey_far", "0.5"], "--passkey_far needs --passkey_share above 0"),
         (["--passkey_share", "1", "--passkey_far", "1.5"], "--passkey_far must be between 0 and 1, got 1.5"),
+        (
+            ["--passkey_share", "1", "--passkey_far", "1", "--passkey_far_window", "0"],
+            "--passkey_far_window must be above 0 and at most 0.5, got 0.0",
+        ),
+        (["--passkey_share", "1", "--passkey_far_window", "0.1"], "--passkey_far_window needs --passkey_far above 0"),
         (
             ["--passkey_share", "1", "--passkey_hop", "1", "--attention", "dense"],
             "--passkey_hop needs a LongNet: a llama model reads every copy of the key directly",
