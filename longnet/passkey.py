@@ -110,6 +110,7 @@ def key_copies(needle: list[int], key_ids: list[int]) -> list[int]:
     return [i for i in range(len(needle) - len(key_ids) + 1) if needle[i : i + len(key_ids)] == key_ids]
 
 
+FAR_WINDOW = 0.25  # the part of a slot at each end where far episodes put their needle and end, unless told
 HOP_TRIES = 16  # random needle places an episode of --passkey_hop tries before it keeps a readable one
 
 
@@ -123,7 +124,7 @@ def plant_passkeys(
     hop: float = 0.0,
     config=None,
     far: float = 0.0,
-    far_window: float = 0.25,
+    far_window: float = FAR_WINDOW,
 ):
     """Training blocks (``input_ids``, ``labels``, ``position_ids``) of which about ``share`` carry pass keys.
 
@@ -216,7 +217,7 @@ def plant_passkeys(
         description += f" (1 to {episodes} per block)"
     if far:
         description += f", {far:.0%} of the needles far"
-        if far_window != 0.25:
+        if far_window != FAR_WINDOW:
             description += f" (in their slot's first {far_window:g}, answered in its last)"
     return blocks.map(plant, with_indices=True, desc=description)
 

@@ -55,7 +55,7 @@ from longnet.dilated_attention import check_branches
 from longnet.evaluation import check_context_lengths, evaluation_documents, perplexity_by_context, write_report
 from longnet.hub import TOKENIZER_VOCABULARY_FILES, is_secret_name, redact, redact_command_line, render_model_card
 from longnet.machine import native_bf16
-from longnet.passkey import plant_passkeys, planting_tokens
+from longnet.passkey import FAR_WINDOW, plant_passkeys, planting_tokens
 from longnet.sequence_parallel import check_split
 from longnet.training import (
     ARGUMENTS_FILE,
@@ -206,7 +206,7 @@ class DataArguments:
         },
     )
     passkey_far_window: float = field(
-        default=0.25,
+        default=FAR_WINDOW,
         metadata={
             "help": "The part of the slot at each end where far episodes put their needle (the first) and end (the "
             "last): 1/16 = 0.0625 trains the distances of a needle at the start of a prompt as long as the block."
@@ -484,7 +484,7 @@ def check_arguments(model_args, data_args, training_args) -> None:
             fail(f"--{name} must be between 0 and 1, got {getattr(data_args, name)}")
     if not 0 < data_args.passkey_far_window <= 0.5:
         fail(f"--passkey_far_window must be above 0 and at most 0.5, got {data_args.passkey_far_window}")
-    if data_args.passkey_far_window != 0.25 and not data_args.passkey_far:
+    if data_args.passkey_far_window != FAR_WINDOW and not data_args.passkey_far:
         fail("--passkey_far_window needs --passkey_far above 0 (no episode is far)")
     if data_args.passkey_answer_weight < 0:
         fail(f"--passkey_answer_weight must be at least 0, got {data_args.passkey_answer_weight}")
