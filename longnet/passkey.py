@@ -111,7 +111,7 @@ def key_copies(needle: list[int], key_ids: list[int]) -> list[int]:
 
 
 FAR_WINDOW = 0.25  # the part of a slot at each end where far episodes put their needle and end, unless told
-HOP_TRIES = 16  # random needle places an episode of --passkey_hop tries before it keeps a readable one
+PLACE_TRIES = 16  # random needle places a --passkey_hop or --passkey_both_copies episode tries before it keeps one
 
 
 def plant_passkeys(
@@ -125,6 +125,7 @@ def plant_passkeys(
     config=None,
     far: float = 0.0,
     far_window: float = FAR_WINDOW,
+    both_copies: float = 0.0,
 ):
     """Training blocks (``input_ids``, ``labels``, ``position_ids``) of which about ``share`` carry pass keys.
 
@@ -143,22 +144,27 @@ def plant_passkeys(
 
     With ``hop`` > 0 and the LongNet ``config`` being trained, that share of the episodes puts its needle
     where no position that predicts a key token of the answer reads a copy of that token in one attention
-    step (``sees_directly``; the first of up to ``HOP_TRIES`` random places, else the last): the model must
+    step (``sees_directly``; the first of up to ``PLACE_TRIES`` random places, else the last): the model must
     move the key to its own residue in an earlier layer, a hop that needles at random places ask for too
-    rarely to be learned (docs/results/passkey.md).
+    rarely to be learned (docs/results/passkey.md). ``both_copies`` is the share of episodes that put it where
+    every such position reads both copies (where the key allows it: in a rate-2 branch, a key whose copies lie an
+    even number of tokens apart), the direct read that positions of one parity learn worst.
 
     With ``far`` > 0, that share of the episodes puts its needle in its slot's first quarter and ends in the
     slot's last quarter: the needle lies half to all of the slot back, distances that uniform places give
     rarely (with one episode per block, about 6 % of needles lie over 3/4 of the block back; of far episodes, half).
     ``far_window`` is that part of the slot at each end (a quarter by default): 1/16 puts far needles 7/8 to all
     of the slot back, where a question at the end of a prompt as long as the block finds a needle at its start."""
-    for name, value in (("hop", hop), ("far", far)):
+    for name, value in (("hop", hop), ("far", far), ("both_copies", both_copies)):
         if not 0 <= value <= 1:
             raise ValueError(f"{name} must be between 0 and 1, got {value}")
+    if hop + both_copies > 1:
+        raise ValueError(f"hop and both_copies are shares of the episodes: together at most 1, got {hop + both_copies}")
     if not 0 < far_window <= 0.5:
         raise ValueError(f"far_window must be above 0 and at most 0.5 (a part of each end of a slot), got {far_window}")
-    if hop and not getattr(config, "segment_lengths", None):
-        raise ValueError("hop needs the config of the LongNet trained (a dense model reads every copy directly)")
+    for name, value in (("hop", hop), ("both_copies", both_copies)):
+        if value and not getattr(config, "segment_lengths", None):
+            raise ValueError(f"{name} needs the config of the LongNet trained (a dense model reads every copy at once)")
     shortest_episode = planting_tokens(tokenizer) + 1
     question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
 
@@ -180,15 +186,17 @@ def plant_passkeys(
                 end = rng.choice(answer_starts) + len(reply)
         last = min(end - len(needle) - len(question) - len(reply), nearest)
         at = rng.randrange(start, last + 1)
-        if hop and rng.random() < hop:
+        if (hop or both_copies) and (draw := rng.random()) < hop + both_copies:
             key_ids = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
             copies, answer_start = key_copies(needle, key_ids), end - len(reply)
+            wanted = 0 if draw < hop else len(copies)  # the copies every key token's position is to read
 
-            def reads_a_copy(at: int) -> bool:
-                return any(copies_seen(config, answer_start - 1, [at + copy for copy in copies], len(key_ids)))
+            def reads_wanted(at: int) -> bool:
+                seen = copies_seen(config, answer_start - 1, [at + copy for copy in copies], len(key_ids))
+                return all(count == wanted for count in seen)
 
-            for _ in range(HOP_TRIES - 1):
-                if not reads_a_copy(at):
+            for _ in range(PLACE_TRIES - 1):
+                if reads_wanted(at):
                     break
                 at = rng.randrange(start, last + 1)
         ids[at : at + len(needle)] = needle

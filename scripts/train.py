@@ -113,6 +113,7 @@ RUN_DEFINING = [
     "passkey_hop",
     "passkey_far",
     "passkey_far_window",
+    "passkey_both_copies",
     "seed",
     "data_seed",
     "per_device_train_batch_size",
@@ -212,6 +213,13 @@ class DataArguments:
             "last): 1/16 = 0.0625 trains the distances of a needle at the start of a prompt as long as the block."
         },
     )
+    passkey_both_copies: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of planted episodes (LongNet only) whose needle lies where the answer's positions read both "
+            "copies of the key in one attention step: the direct read one parity learns worst (docs/results/passkey.md)"
+        },
+    )
     passkey_answer_weight: float = field(
         default=0.0,
         metadata={"help": "Extra loss weight of planted keys' answer tokens (0: the plain language-modelling loss)."},
@@ -283,8 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = get_tokenizer(model_args, training_args, train_docs, checkpoint)
     model = get_model(model_args, tokenizer, given)
     check_fit(model, tokenizer, data_args.block_size, training_args.sequence_parallel_size)
-    if data_args.passkey_hop and not getattr(model.config, "segment_lengths", None):
-        fail(f"--passkey_hop needs a LongNet: a {model.config.model_type} model reads every copy of the key directly")
+    for name in ("passkey_hop", "passkey_both_copies"):
+        if getattr(data_args, name) and not getattr(model.config, "segment_lengths", None):
+            fail(f"--{name} needs a LongNet: a {model.config.model_type} model reads every copy of the key directly")
     if data_args.passkey_share and data_args.block_size < planting_tokens(tokenizer) + 1:
         fail(
             f"--block_size {data_args.block_size} is too short to plant pass keys (the needle, the question and "
@@ -309,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
             model.config,
             far=data_args.passkey_far,
             far_window=data_args.passkey_far_window,
+            both_copies=data_args.passkey_both_copies,
         )
         if not data_args.passkey_answer_weight:
             train_blocks = train_blocks.remove_columns("answer_mask")
@@ -479,9 +489,14 @@ def check_arguments(model_args, data_args, training_args) -> None:
             f"--passkey_boundary {data_args.passkey_boundary} leaves no boundary inside a block of --block_size "
             f"{data_args.block_size}: no answer would start on one"
         )
-    for name in ("passkey_hop", "passkey_far"):
+    for name in ("passkey_hop", "passkey_far", "passkey_both_copies"):
         if not 0 <= getattr(data_args, name) <= 1:
             fail(f"--{name} must be between 0 and 1, got {getattr(data_args, name)}")
+    if data_args.passkey_hop + data_args.passkey_both_copies > 1:
+        fail(
+            "--passkey_hop and --passkey_both_copies are shares of the episodes: together at most 1, got "
+            f"{data_args.passkey_hop + data_args.passkey_both_copies}"
+        )
     if not 0 < data_args.passkey_far_window <= 0.5:
         fail(f"--passkey_far_window must be above 0 and at most 0.5, got {data_args.passkey_far_window}")
     if data_args.passkey_far_window != FAR_WINDOW and not data_args.passkey_far:
@@ -494,6 +509,7 @@ def check_arguments(model_args, data_args, training_args) -> None:
             ("passkey_boundary", data_args.passkey_boundary),
             ("passkey_hop", data_args.passkey_hop),
             ("passkey_far", data_args.passkey_far),
+            ("passkey_both_copies", data_args.passkey_both_copies),
             ("passkey_answer_weight", data_args.passkey_answer_weight),
         ):
             if given:

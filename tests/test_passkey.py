@@ -436,24 +436,32 @@ def test_episodes_each_ask_for_their_own_latest_key(tokenizer, haystack, boundar
     assert (0.25 <= on_boundary <= 0.6) if boundary else on_boundary < 0.1
 
 
-@pytest.mark.parametrize("hop", [0.0, 1.0])
-def test_hop_episodes_put_the_needle_where_the_answer_reads_no_copy(tokenizer, haystack, hop):
+@pytest.mark.parametrize(("hop", "both_copies"), [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)])
+def test_hop_and_both_copies_episodes_put_the_needle_where_the_answer_reads_none_or_both(
+    tokenizer, haystack, hop, both_copies
+):
     """One branch of rate 2 over the whole block: a position reads the copies at its own parity. With
     ``hop=1`` every episode whose two copies share a parity puts them at the other one than the positions
-    predicting the key (by chance: half of them); an episode whose copies differ reads one either way."""
+    predicting the key, with ``both_copies=1`` at the same one (by chance: half each way); an episode whose
+    copies differ reads one either way."""
     from types import SimpleNamespace
 
     config = SimpleNamespace(segment_lengths=[2048], dilation_rates=[2], num_attention_heads=2)
     length = 1200
     blocks = haystack_blocks(haystack, 24, length)
-    planted = plant_passkeys(blocks, tokenizer, share=1.0, seed=7, episodes=8, hop=hop, config=config)
+    planted = plant_passkeys(
+        blocks, tokenizer, share=1.0, seed=7, episodes=8, hop=hop, config=config, both_copies=both_copies
+    )
     for bad, message in (
         (dict(hop=1.5, config=config), "hop must be between 0 and 1"),
-        (dict(hop=0.5), "needs the config"),
+        (dict(both_copies=-0.5, config=config), "both_copies must be between 0 and 1, got -0.5"),
+        (dict(hop=0.5, both_copies=0.75, config=config), "together at most 1, got 1.25"),
+        (dict(hop=0.5), "hop needs the config"),
+        (dict(both_copies=0.5), "both_copies needs the config"),
     ):
         with pytest.raises(ValueError, match=message):
             plant_passkeys(blocks, tokenizer, share=1.0, seed=7, **bad)
-    if not hop:  # off, planting is what it was without the option
+    if not hop and not both_copies:  # off, planting is what it was without the options
         assert planted[:] == plant_passkeys(blocks, tokenizer, share=1.0, seed=7, episodes=8)[:]
     unread, read = 0, 0
     for block in planted:
@@ -473,6 +481,8 @@ def test_hop_episodes_put_the_needle_where_the_answer_reads_no_copy(tokenizer, h
     assert unread + read > 20  # (whether the copies can differ in parity depends on how the key tokenizes)
     if hop:
         assert read == 0
+    elif both_copies:
+        assert unread == 0
     else:
         assert 0.25 <= read / (read + unread) <= 0.75
 

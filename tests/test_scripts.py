@@ -524,6 +524,15 @@ def bad_inputs(folder: Path) -> dict[str, str]:
         (["--passkey_hop", "0.5"], "--passkey_hop needs --passkey_share above 0"),
         (["--passkey_share", "1", "--passkey_hop", "2"], "--passkey_hop must be between 0 and 1, got 2.0"),
         (["--passkey_far", "0.5"], "--passkey_far needs --passkey_share above 0"),
+        (["--passkey_both_copies", "0.5"], "--passkey_both_copies needs --passkey_share above 0"),
+        (
+            ["--passkey_share", "1", "--passkey_both_copies", "-0.5"],
+            "--passkey_both_copies must be between 0 and 1, got -0.5",
+        ),
+        (
+            ["--passkey_share", "1", "--passkey_hop", "0.5", "--passkey_both_copies", "0.75"],
+            "--passkey_hop and --passkey_both_copies are shares of the episodes: together at most 1, got 1.25",
+        ),
         (["--passkey_share", "1", "--passkey_far", "1.5"], "--passkey_far must be between 0 and 1, got 1.5"),
         (
             ["--passkey_share", "1", "--passkey_far", "1", "--passkey_far_window", "0"],
@@ -533,6 +542,10 @@ def bad_inputs(folder: Path) -> dict[str, str]:
         (
             ["--passkey_share", "1", "--passkey_hop", "1", "--attention", "dense"],
             "--passkey_hop needs a LongNet: a llama model reads every copy of the key directly",
+        ),
+        (
+            ["--passkey_share", "1", "--passkey_both_copies", "1", "--attention", "dense"],
+            "--passkey_both_copies needs a LongNet: a llama model reads every copy of the key directly",
         ),
         (["--passkey_share", "1", "--passkey_answer_weight", "-1"], "--passkey_answer_weight must be at least 0"),
         (["--eval_max_documents", "0"], "--eval_max_documents must be at least 1, got 0"),
