@@ -146,9 +146,12 @@ def plant_passkeys(
     where no position that predicts a key token of the answer reads a copy of that token in one attention
     step (``sees_directly``; the first of up to ``PLACE_TRIES`` random places, else the last): the model must
     move the key to its own residue in an earlier layer, a hop that needles at random places ask for too
-    rarely to be learned (docs/results/passkey.md). ``both_copies`` is the share of episodes that put it where
-    every such position reads both copies (where the key allows it: in a rate-2 branch, a key whose copies lie an
-    even number of tokens apart), the direct read that positions of one parity learn worst.
+    rarely to be learned (docs/results/passkey.md). ``both_copies`` is the share of episodes that put it, likewise,
+    where every such position reads all the key's copies (two, unless a tokenizer merged one) through a dilated
+    branch (r > 1), the direct read that positions of one parity learn worst. Only dilated branches count: the
+    local one (r = 1) reads every copy of a needle in the answer's own segment, and searching for such places
+    would move needles nearer. A key whose copies lie at different residues (in an r = 2 branch, an odd number
+    of tokens apart, as a 4-token key's) cannot be placed so and keeps the last place tried.
 
     With ``far`` > 0, that share of the episodes puts its needle in its slot's first quarter and ends in the
     slot's last quarter: the needle lies half to all of the slot back, distances that uniform places give
@@ -192,7 +195,8 @@ def plant_passkeys(
             wanted = 0 if draw < hop else len(copies)  # the copies every key token's position is to read
 
             def reads_wanted(at: int) -> bool:
-                seen = copies_seen(config, answer_start - 1, [at + copy for copy in copies], len(key_ids))
+                places = [at + copy for copy in copies]
+                seen = copies_seen(config, answer_start - 1, places, len(key_ids), dilated_only=wanted > 0)
                 return all(count == wanted for count in seen)
 
             for _ in range(PLACE_TRIES - 1):
@@ -352,12 +356,13 @@ def retrieval_by_branch(
     return results
 
 
-def sees_directly(config, query: int, key: int) -> bool:
+def sees_directly(config, query: int, key: int, dilated_only: bool = False) -> bool:
     """Whether one attention layer of a model with ``config`` lets position ``query`` read position ``key``.
 
-    Always (``key <= query``) for a dense model; in a LongNet only when some branch ``(w, r)`` keeps both in
-    one row set of one head: the same segment, the same residue ``(t mod w) mod r``, and a head ``h`` with
-    ``h mod r`` equal to it (none when ``r`` exceeds the heads and the residue does too)."""
+    Always (``key <= query``) for a dense model; in a LongNet only when some branch ``(w, r)`` (with
+    ``dilated_only``, of r > 1) keeps both in one row set of one head: the same segment, the same residue
+    ``(t mod w) mod r``, and a head ``h`` with ``h mod r`` equal to it (none when ``r`` exceeds the heads and
+    the residue does too)."""
     if key > query:
         return False
     segments = getattr(config, "segment_lengths", None)
@@ -366,13 +371,16 @@ def sees_directly(config, query: int, key: int) -> bool:
     return any(
         query // w == key // w and (query % w) % r == (key % w) % r < config.num_attention_heads
         for w, r in zip(segments, config.dilation_rates, strict=True)
+        if r > 1 or not dilated_only
     )
 
 
-def copies_seen(config, first_query: int, copies: list[int], tokens: int) -> list[int]:
+def copies_seen(config, first_query: int, copies: list[int], tokens: int, dilated_only: bool = False) -> list[int]:
     """For each of a key's ``tokens`` tokens j: how many of its copies (their first positions, ``copies``) the
     position predicting it, ``first_query + j``, reads in one attention step (``sees_directly``)."""
-    return [sum(sees_directly(config, first_query + j, copy + j) for copy in copies) for j in range(tokens)]
+    return [
+        sum(sees_directly(config, first_query + j, copy + j, dilated_only) for copy in copies) for j in range(tokens)
+    ]
 
 
 TOKEN_ROWS = ("first token", "later tokens", "later tokens, from even positions", "later tokens, from odd positions")

@@ -217,7 +217,7 @@ class DataArguments:
         default=0.0,
         metadata={
             "help": "Share of planted episodes (LongNet only) whose needle lies where the answer's positions read both "
-            "copies of the key in one attention step: the direct read one parity learns worst (docs/results/passkey.md)"
+            "key copies through a dilated branch, the read one parity learns worst; with --passkey_hop, at most 1."
         },
     )
     passkey_answer_weight: float = field(

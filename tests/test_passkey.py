@@ -436,6 +436,19 @@ def test_episodes_each_ask_for_their_own_latest_key(tokenizer, haystack, boundar
     assert (0.25 <= on_boundary <= 0.6) if boundary else on_boundary < 0.1
 
 
+def answers_and_key_copies(tokenizer, block: dict) -> list[tuple[int, list[int]]]:
+    """Each planted answer's first position and where the two key copies of its needle start."""
+    ids, mask = block["input_ids"], block["answer_mask"]
+    found = []
+    for start in (i for i in range(len(ids)) if mask[i] and not mask[i - 1]):
+        key_ids = tokenizer(" " + tokenizer.decode(ids[start : start + 6]).split()[0], add_special_tokens=False)
+        key_ids = key_ids["input_ids"]
+        copies = [i for i in range(start - 1) if ids[i : i + len(key_ids)] == key_ids][-2:]
+        assert len(copies) == 2
+        found.append((start, copies))
+    return found
+
+
 @pytest.mark.parametrize(("hop", "both_copies"), [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)])
 def test_hop_and_both_copies_episodes_put_the_needle_where_the_answer_reads_none_or_both(
     tokenizer, haystack, hop, both_copies
@@ -465,12 +478,7 @@ def test_hop_and_both_copies_episodes_put_the_needle_where_the_answer_reads_none
         assert planted[:] == plant_passkeys(blocks, tokenizer, share=1.0, seed=7, episodes=8)[:]
     unread, read = 0, 0
     for block in planted:
-        ids, mask = block["input_ids"], block["answer_mask"]
-        for start in (i for i in range(length) if mask[i] and not mask[i - 1]):
-            key_ids = tokenizer(" " + tokenizer.decode(ids[start : start + 6]).split()[0], add_special_tokens=False)
-            key_ids = key_ids["input_ids"]
-            copies = [i for i in range(start - 1) if ids[i : i + len(key_ids)] == key_ids][-2:]
-            assert len(copies) == 2
+        for start, copies in answers_and_key_copies(tokenizer, block):
             at_parity = [(start - 1 - copy) % 2 == 0 for copy in copies]  # key token j: from start-1+j, at copy+j
             if at_parity[0] != at_parity[1]:
                 continue
@@ -485,6 +493,26 @@ def test_hop_and_both_copies_episodes_put_the_needle_where_the_answer_reads_none
         assert unread == 0
     else:
         assert 0.25 <= read / (read + unread) <= 0.75
+
+
+def test_both_copies_episodes_leave_keys_no_dilated_branch_reads_twice_where_they_were(tokenizer, haystack):
+    """The test tokenizer's key copies lie 18 tokens apart, at different residues of an r = 4 branch: no place lets
+    it read both, and ``both_copies`` must not move such needles into the answer's segment of the local branch
+    (w = 128), which reads every copy there (counting that branch moved 35 % of them there, against 15 % without)."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(segment_lengths=[128, 2048], dilation_rates=[1, 4], num_attention_heads=4)
+    blocks = haystack_blocks(haystack, 24, 1200)
+    local_share = []
+    for both_copies in (0.0, 1.0):
+        planted = plant_passkeys(blocks, tokenizer, 1.0, 7, 8, config=config, both_copies=both_copies)
+        local = [
+            copies[0] // 128 == (start - 1) // 128
+            for block in planted
+            for start, copies in answers_and_key_copies(tokenizer, block)
+        ]
+        local_share.append(sum(local) / len(local))
+    assert local_share[1] < local_share[0] + 0.1
 
 
 @pytest.mark.parametrize(("far", "window"), [(0.0, 0.25), (1.0, 0.25), (1.0, 0.0625)])
