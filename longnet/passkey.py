@@ -126,6 +126,7 @@ def plant_passkeys(
     far: float = 0.0,
     far_window: float = FAR_WINDOW,
     both_copies: float = 0.0,
+    cut: float = 0.0,
 ):
     """Training blocks (``input_ids``, ``labels``, ``position_ids``) of which about ``share`` carry pass keys.
 
@@ -157,12 +158,20 @@ def plant_passkeys(
     slot's last quarter: the needle lies half to all of the slot back, distances that uniform places give
     rarely (with one episode per block, about 6 % of needles lie over 3/4 of the block back; of far episodes, half).
     ``far_window`` is that part of the slot at each end (a quarter by default): 1/16 puts far needles 7/8 to all
-    of the slot back, where a question at the end of a prompt as long as the block finds a needle at its start."""
-    for name, value in (("hop", hop), ("far", far), ("both_copies", both_copies)):
+    of the slot back, where a question at the end of a prompt as long as the block finds a needle at its start.
+
+    With ``cut`` > 0 (and a ``boundary``), that share of the episodes puts its needle across a multiple of
+    ``boundary`` (in any gap between two of its tokens): the shortest segment then splits the needle, which a
+    LongNet's direct read of both key copies fails on until trained on it (its read through a hop does not
+    mind). Random places cut a needle in a given gap once in ``boundary`` episodes, while every prompt of
+    2^k - 8 tokens cuts it at depth 25 % in the same gap (docs/results/passkey.md)."""
+    for name, value in (("hop", hop), ("far", far), ("both_copies", both_copies), ("cut", cut)):
         if not 0 <= value <= 1:
             raise ValueError(f"{name} must be between 0 and 1, got {value}")
     if hop + both_copies > 1:
         raise ValueError(f"hop and both_copies are shares of the episodes: together at most 1, got {hop + both_copies}")
+    if cut and boundary <= 0:
+        raise ValueError("cut needs a boundary (the shortest segment length, whose multiples cut the needle)")
     if not 0 < far_window <= 0.5:
         raise ValueError(f"far_window must be above 0 and at most 0.5 (a part of each end of a slot), got {far_window}")
     for name, value in (("hop", hop), ("both_copies", both_copies)):
@@ -188,7 +197,10 @@ def plant_passkeys(
             if answer_starts:
                 end = rng.choice(answer_starts) + len(reply)
         last = min(end - len(needle) - len(question) - len(reply), nearest)
-        at = rng.randrange(start, last + 1)
+        places = range(start, last + 1)
+        if cut and rng.random() < cut:
+            places = [at for at in places if 0 < -at % boundary < len(needle)] or places
+        at = rng.choice(places)
         if (hop or both_copies) and (draw := rng.random()) < hop + both_copies:
             key_ids = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
             copies, answer_start = key_copies(needle, key_ids), end - len(reply)
@@ -202,7 +214,7 @@ def plant_passkeys(
             for _ in range(PLACE_TRIES - 1):
                 if reads_wanted(at):
                     break
-                at = rng.randrange(start, last + 1)
+                at = rng.choice(places)
         ids[at : at + len(needle)] = needle
         ids[end - len(question) - len(reply) : end] = question + reply
         mask[end - len(reply) : end] = [1] * len(reply)
@@ -231,6 +243,8 @@ def plant_passkeys(
         description += f", {far:.0%} of the needles far"
         if far_window != FAR_WINDOW:
             description += f" (in their slot's first {far_window:g}, answered in its last)"
+    if cut:
+        description += f", {cut:.0%} cut by a multiple of {boundary}"
     return blocks.map(plant, with_indices=True, desc=description)
 
 

@@ -114,6 +114,7 @@ RUN_DEFINING = [
     "passkey_far",
     "passkey_far_window",
     "passkey_both_copies",
+    "passkey_cut",
     "seed",
     "data_seed",
     "per_device_train_batch_size",
@@ -220,6 +221,13 @@ class DataArguments:
             "key copies through a dilated branch, the read one parity learns worst; with --passkey_hop, at most 1."
         },
     )
+    passkey_cut: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of planted episodes whose needle a multiple of --passkey_boundary cuts in two, which a "
+            "LongNet's direct read of both key copies fails on until trained on it (random places: once in W a gap)."
+        },
+    )
     passkey_answer_weight: float = field(
         default=0.0,
         metadata={"help": "Extra loss weight of planted keys' answer tokens (0: the plain language-modelling loss)."},
@@ -319,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
             far=data_args.passkey_far,
             far_window=data_args.passkey_far_window,
             both_copies=data_args.passkey_both_copies,
+            cut=data_args.passkey_cut,
         )
         if not data_args.passkey_answer_weight:
             train_blocks = train_blocks.remove_columns("answer_mask")
@@ -489,7 +498,7 @@ def check_arguments(model_args, data_args, training_args) -> None:
             f"--passkey_boundary {data_args.passkey_boundary} leaves no boundary inside a block of --block_size "
             f"{data_args.block_size}: no answer would start on one"
         )
-    for name in ("passkey_hop", "passkey_far", "passkey_both_copies"):
+    for name in ("passkey_hop", "passkey_far", "passkey_both_copies", "passkey_cut"):
         if not 0 <= getattr(data_args, name) <= 1:
             fail(f"--{name} must be between 0 and 1, got {getattr(data_args, name)}")
     if data_args.passkey_hop + data_args.passkey_both_copies > 1:
@@ -510,10 +519,13 @@ def check_arguments(model_args, data_args, training_args) -> None:
             ("passkey_hop", data_args.passkey_hop),
             ("passkey_far", data_args.passkey_far),
             ("passkey_both_copies", data_args.passkey_both_copies),
+            ("passkey_cut", data_args.passkey_cut),
             ("passkey_answer_weight", data_args.passkey_answer_weight),
         ):
             if given:
                 fail(f"--{name} needs --passkey_share above 0 (no block carries a pass key)")
+    if data_args.passkey_cut and not data_args.passkey_boundary:
+        fail("--passkey_cut needs --passkey_boundary (the shortest segment length, whose multiples cut the needle)")
     if data_args.passkey_answer_weight and training_args.sequence_parallel_size > 1:
         fail("--passkey_answer_weight does not work with --sequence_parallel_size above 1 (each rank sees a chunk)")
     for name in ("train_file", "validation_file"):

@@ -549,6 +549,37 @@ def test_far_episodes_put_the_needle_in_the_first_window_and_the_answer_in_the_l
         assert first_window < 0.8 * episodes and last_window < 0.6 * episodes
 
 
+@pytest.mark.parametrize("cut", [0.0, 1.0])
+def test_cut_episodes_put_a_multiple_of_the_boundary_inside_the_needle(tokenizer, haystack, cut):
+    """With ``cut=1`` a multiple of ``boundary`` falls between two tokens of every needle, at many places in it;
+    at random (``cut=0``) in about (needle tokens - 1) / boundary of them (the test tokenizer's needle is ~50
+    tokens long). Off, planting is what it was without the option."""
+    length, boundary = 1200, 128
+    blocks = haystack_blocks(haystack, 40, length)
+    planted = plant_passkeys(blocks, tokenizer, share=1.0, seed=11, episodes=2, boundary=boundary, cut=cut)
+    with pytest.raises(ValueError, match="cut must be between 0 and 1, got 1.5"):
+        plant_passkeys(blocks, tokenizer, share=1.0, seed=11, boundary=boundary, cut=1.5)
+    with pytest.raises(ValueError, match="cut needs a boundary"):
+        plant_passkeys(blocks, tokenizer, share=1.0, seed=11, cut=0.5)
+    if not cut:
+        assert planted[:] == plant_passkeys(blocks, tokenizer, share=1.0, seed=11, episodes=2, boundary=boundary)[:]
+    prefix = tokenizer(NEEDLE[: NEEDLE.index("{key}")], add_special_tokens=False)["input_ids"]
+    before, chance = [], []  # each needle's tokens before the first multiple of boundary inside it (0: none)
+    for block in planted:
+        ids = block["input_ids"]
+        for at in (i for i in range(length) if ids[i : i + len(prefix)] == prefix):
+            key = re.match(r"\s*# The pass key is (\d{5})\.", tokenizer.decode(ids[at : at + 80])).group(1)
+            needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+            assert ids[at : at + len(needle)] == needle
+            before.append(-at % boundary if -at % boundary < len(needle) else 0)
+            chance.append((len(needle) - 1) / boundary)
+    assert len(before) > 40
+    if cut:
+        assert 0 not in before and len(set(before)) > 10
+    else:
+        assert abs(sum(map(bool, before)) / len(before) - sum(chance) / len(chance)) < 0.15
+
+
 def test_answer_weighted_loss_adds_weighted_answer_tokens(tokenizer, haystack):
     """AnswerWeightedTrainer's loss against the model's own loss: with N scored tokens of mean loss M, of
     which n answer tokens of mean loss A, weight W gives (N M + W n A) / (N + W n); and W = 0 gives M."""

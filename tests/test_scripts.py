@@ -533,6 +533,12 @@ def bad_inputs(folder: Path) -> dict[str, str]:
             ["--passkey_share", "1", "--passkey_hop", "0.5", "--passkey_both_copies", "0.75"],
             "--passkey_hop and --passkey_both_copies are shares of the episodes: together at most 1, got 1.25",
         ),
+        (["--passkey_cut", "0.5"], "--passkey_cut needs --passkey_share above 0"),
+        (
+            ["--passkey_share", "1", "--passkey_boundary", "64", "--passkey_cut", "2"],
+            "--passkey_cut must be between 0 and 1, got 2.0",
+        ),
+        (["--passkey_share", "1", "--passkey_cut", "0.5"], "--passkey_cut needs --passkey_boundary"),
         (["--passkey_share", "1", "--passkey_far", "1.5"], "--passkey_far must be between 0 and 1, got 1.5"),
         (
             ["--passkey_share", "1", "--passkey_far", "1", "--passkey_far_window", "0"],
