@@ -1,0 +1,78 @@
+"""Where a local segment boundary falls in the needle, and whether the key is still read (a probe of session 27).
+
+python needle_shift.py MODEL TOKENIZER [--shifts S ...] [--depth D] [--seed N]: the 40 prompts of the cell
+(16376 tokens, depth D, default 25 %) that `evaluate.py --task passkey --keys_per_cell 40 --seed N` asks, each
+with its needle moved S tokens later (the same haystack window, key and question), teacher-forced on the key.
+Prints per shift, for the keys of 3 tokens (whose two copies lie 8 apart, at one parity), how many needle tokens
+precede the next multiple of 256 (the local segment's boundary; 23 or more: the needle is not cut) and how
+many keys are right, with each miss's key tokens right (1) or wrong (0). An even shift keeps the answer's
+direct read of both copies (or of none) that the unshifted prompt has; an odd one swaps them.
+"""
+
+import argparse
+import random
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import longnet  # noqa: F401  (registers LongNet with the Auto classes)
+from longnet.passkey import QUESTION, Prompt, copies_seen, key_in_prompt, random_needle
+from longnet.training import load_documents, split_by_file, stdlib_python_files
+
+LENGTH, PROMPTS, SEGMENT = 16376, 40, 256
+
+
+Drawn = tuple[str, list[int], list[int], int]  # key, needle, haystack window, needle place
+
+
+def cell_prompts(tokenizer, haystack: list[int], depth: float, seed: int) -> list[Drawn]:
+    """The cell's prompts as ``make_prompt`` draws them: (key, needle, haystack window, needle place)."""
+    rng = random.Random(f"{seed}-{LENGTH}-{depth}")
+    question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    prompts = []
+    for _ in range(PROMPTS):
+        key, needle = random_needle(tokenizer, rng)
+        room = LENGTH - len(needle) - len(question)
+        start = rng.randrange(0, len(haystack) - room + 1)
+        prompts.append((key, needle, haystack[start : start + room], round(room * depth / 100)))
+    return prompts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("tokenizer")
+    parser.add_argument("--shifts", type=int, nargs="+", default=list(range(-12, 13)))
+    parser.add_argument("--depth", type=float, default=25.0)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    texts = load_documents(split_by_file(stdlib_python_files(), 5.0)[1])["text"]  # evaluate.py's held-out split
+    haystack = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    for shift in args.shifts:
+        right, asked, misses, before, read = 0, 0, [], set(), set()
+        for index, (key, needle, window, at) in enumerate(cell_prompts(tokenizer, haystack, args.depth, args.seed)):
+            moved = Prompt(window[: at + shift] + needle + window[at + shift :] + question, key, at + shift)
+            key_ids, copies = key_in_prompt(tokenizer, moved)
+            if len(key_ids) != 3:
+                continue
+            before.add(-moved.needle_start % SEGMENT)
+            read.add(min(copies_seen(model.config, LENGTH - 1, copies, len(key_ids))))
+            with torch.no_grad():
+                logits = model(torch.tensor([moved.ids + key_ids]), use_cache=False, logits_to_keep=len(key_ids) + 1)
+            hits = [int(p == k) for p, k in zip(logits.logits[0, :-1].argmax(-1).tolist(), key_ids, strict=True)]
+            right += all(hits)
+            asked += 1
+            if not all(hits):
+                misses.append(f"{index}: {''.join(map(str, hits))}")
+        print(
+            f"shift {shift:+d}: {sorted(before)} needle tokens before the boundary, {sorted(read)} copies read "
+            f"directly; 3-token keys right {right}/{asked}; misses {', '.join(misses)}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
