@@ -16,26 +16,21 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import longnet  # noqa: F401  (registers LongNet with the Auto classes)
-from longnet.passkey import QUESTION, Prompt, copies_seen, key_in_prompt, random_needle
-from longnet.training import load_documents, split_by_file, stdlib_python_files
+from longnet.passkey import NEEDLE, QUESTION, Prompt, copies_seen, key_in_prompt, make_prompt
+from longnet.training import DEFAULT_SPLIT_PERCENTAGE, load_documents, split_by_file, stdlib_python_files
 
 LENGTH, PROMPTS, SEGMENT = 16376, 40, 256
 
 
-Drawn = tuple[str, list[int], list[int], int]  # key, needle, haystack window, needle place
-
-
-def cell_prompts(tokenizer, haystack: list[int], depth: float, seed: int) -> list[Drawn]:
-    """The cell's prompts as ``make_prompt`` draws them: (key, needle, haystack window, needle place)."""
-    rng = random.Random(f"{seed}-{LENGTH}-{depth}")
-    question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
-    prompts = []
-    for _ in range(PROMPTS):
-        key, needle = random_needle(tokenizer, rng)
-        room = LENGTH - len(needle) - len(question)
-        start = rng.randrange(0, len(haystack) - room + 1)
-        prompts.append((key, needle, haystack[start : start + room], round(room * depth / 100)))
-    return prompts
+def moved(prompt: Prompt, needle: int, question: int, shift: int) -> Prompt:
+    """The same haystack, key and question (the last ``question`` tokens) with the ``needle`` tokens at
+    ``prompt.needle_start`` moved ``shift`` tokens later."""
+    ids, start = prompt.ids, prompt.needle_start
+    haystack = ids[:start] + ids[start + needle : len(ids) - question]
+    at = start + shift
+    return Prompt(
+        haystack[:at] + ids[start : start + needle] + haystack[at:] + ids[len(ids) - question :], prompt.key, at
+    )
 
 
 def main() -> None:
@@ -48,20 +43,23 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=torch.bfloat16).eval()
-    texts = load_documents(split_by_file(stdlib_python_files(), 5.0)[1])["text"]  # evaluate.py's held-out split
+    texts = load_documents(split_by_file(stdlib_python_files(), DEFAULT_SPLIT_PERCENTAGE)[1])["text"]  # as evaluated
     haystack = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
-    question = tokenizer(QUESTION, add_special_tokens=False)["input_ids"]
+    question = len(tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
+    rng = random.Random(f"{args.seed}-{LENGTH}-{args.depth}")  # evaluate.py's prompts of this cell
+    prompts = [make_prompt(tokenizer, haystack, LENGTH, args.depth, rng) for _ in range(PROMPTS)]
     for shift in args.shifts:
         right, asked, misses, before, read = 0, 0, [], set(), set()
-        for index, (key, needle, window, at) in enumerate(cell_prompts(tokenizer, haystack, args.depth, args.seed)):
-            moved = Prompt(window[: at + shift] + needle + window[at + shift :] + question, key, at + shift)
-            key_ids, copies = key_in_prompt(tokenizer, moved)
+        for index, prompt in enumerate(prompts):
+            needle = len(tokenizer(NEEDLE.format(key=prompt.key), add_special_tokens=False)["input_ids"])
+            shifted = moved(prompt, needle, question, shift)
+            key_ids, copies = key_in_prompt(tokenizer, shifted)
             if len(key_ids) != 3:
                 continue
-            before.add(-moved.needle_start % SEGMENT)
+            before.add(-shifted.needle_start % SEGMENT)
             read.add(min(copies_seen(model.config, LENGTH - 1, copies, len(key_ids))))
             with torch.no_grad():
-                logits = model(torch.tensor([moved.ids + key_ids]), use_cache=False, logits_to_keep=len(key_ids) + 1)
+                logits = model(torch.tensor([shifted.ids + key_ids]), use_cache=False, logits_to_keep=len(key_ids) + 1)
             hits = [int(p == k) for p, k in zip(logits.logits[0, :-1].argmax(-1).tolist(), key_ids, strict=True)]
             right += all(hits)
             asked += 1
