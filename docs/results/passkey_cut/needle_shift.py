@@ -5,7 +5,8 @@ python needle_shift.py MODEL TOKENIZER [--shifts S ...] [--depth D] [--seed N]: 
 with its needle moved S tokens later (the same haystack window, key and question), teacher-forced on the key.
 Prints per shift, for the keys of 3 tokens (whose two copies lie 8 apart, at one parity), how many needle tokens
 precede the next multiple of 256 (the local segment's boundary; 23 or more: the needle is not cut) and how
-many keys are right, with each miss's key tokens right (1) or wrong (0). An even shift keeps the answer's
+many keys are right, with each miss's key tokens right (1) or wrong (0) and what was predicted (each token
+from the key's right tokens before it). An even shift keeps the answer's
 direct read of both copies (or of none) that the unshifted prompt has; an odd one swaps them.
 """
 
@@ -60,11 +61,12 @@ def main() -> None:
             read.add(min(copies_seen(model.config, LENGTH - 1, copies, len(key_ids))))
             with torch.no_grad():
                 logits = model(torch.tensor([shifted.ids + key_ids]), use_cache=False, logits_to_keep=len(key_ids) + 1)
-            hits = [int(p == k) for p, k in zip(logits.logits[0, :-1].argmax(-1).tolist(), key_ids, strict=True)]
+            predicted = logits.logits[0, :-1].argmax(-1).tolist()
+            hits = [int(p == k) for p, k in zip(predicted, key_ids, strict=True)]
             right += all(hits)
             asked += 1
             if not all(hits):
-                misses.append(f"{index}: {''.join(map(str, hits))}")
+                misses.append(f"{index}: {''.join(map(str, hits))} {tokenizer.decode(predicted)!r} for {prompt.key}")
         print(
             f"shift {shift:+d}: {sorted(before)} needle tokens before the boundary, {sorted(read)} copies read "
             f"directly; 3-token keys right {right}/{asked}; misses {', '.join(misses)}",
