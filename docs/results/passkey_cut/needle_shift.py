@@ -5,8 +5,8 @@ python needle_shift.py MODEL TOKENIZER [--shifts S ...] [--depth D] [--seed N]: 
 with its needle moved S tokens later (the same haystack window, key and question), teacher-forced on the key.
 Prints per shift, for the keys of 3 tokens (whose two copies lie 8 apart, at one parity), how many needle tokens
 precede the next multiple of 256 (the local segment's boundary; 23 or more: the needle is not cut) and how
-many keys are right, with each miss's key tokens right (1) or wrong (0) and what was predicted (each token
-from the key's right tokens before it). An even shift keeps the answer's
+many keys are right, with each miss's key tokens right (1) or wrong (0) and the tokens predicted (each after the
+key's true tokens before it). An even shift keeps the answer's
 direct read of both copies (or of none) that the unshifted prompt has; an odd one swaps them.
 """
 
