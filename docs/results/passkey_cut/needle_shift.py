@@ -49,10 +49,10 @@ def main() -> None:
     question = len(tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
     rng = random.Random(f"{args.seed}-{LENGTH}-{args.depth}")  # evaluate.py's prompts of this cell
     prompts = [make_prompt(tokenizer, haystack, LENGTH, args.depth, rng) for _ in range(PROMPTS)]
+    needles = [len(tokenizer(NEEDLE.format(key=p.key), add_special_tokens=False)["input_ids"]) for p in prompts]
     for shift in args.shifts:
         right, asked, misses, before, read = 0, 0, [], set(), set()
-        for index, prompt in enumerate(prompts):
-            needle = len(tokenizer(NEEDLE.format(key=prompt.key), add_special_tokens=False)["input_ids"])
+        for index, (prompt, needle) in enumerate(zip(prompts, needles, strict=True)):
             shifted = moved(prompt, needle, question, shift)
             key_ids, copies = key_in_prompt(tokenizer, shifted)
             if len(key_ids) != 3:
