@@ -34,6 +34,19 @@ def moved(prompt: Prompt, needle: int, question: int, shift: int) -> Prompt:
     )
 
 
+def held_out_haystack(tokenizer) -> list[int]:
+    """The held-out standard-library text evaluate.py plants needles in, as one token list."""
+    texts = load_documents(split_by_file(stdlib_python_files(), DEFAULT_SPLIT_PERCENTAGE)[1])["text"]
+    return [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def cell_prompts(tokenizer, haystack: list[int], depth: float, seed: int, count: int) -> list[Prompt]:
+    """The first ``count`` prompts that ``evaluate.py --task passkey --seed SEED`` asks in the cell of
+    ``LENGTH`` tokens and ``depth`` percent (its random generator is seeded per cell)."""
+    rng = random.Random(f"{seed}-{LENGTH}-{depth}")
+    return [make_prompt(tokenizer, haystack, LENGTH, depth, rng) for _ in range(count)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -44,11 +57,8 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=torch.bfloat16).eval()
-    texts = load_documents(split_by_file(stdlib_python_files(), DEFAULT_SPLIT_PERCENTAGE)[1])["text"]  # as evaluated
-    haystack = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
     question = len(tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
-    rng = random.Random(f"{args.seed}-{LENGTH}-{args.depth}")  # evaluate.py's prompts of this cell
-    prompts = [make_prompt(tokenizer, haystack, LENGTH, args.depth, rng) for _ in range(PROMPTS)]
+    prompts = cell_prompts(tokenizer, held_out_haystack(tokenizer), args.depth, args.seed, PROMPTS)
     needles = [len(tokenizer(NEEDLE.format(key=p.key), add_special_tokens=False)["input_ids"]) for p in prompts]
     for shift in args.shifts:
         right, asked, misses, before, read = 0, 0, [], set(), set()
