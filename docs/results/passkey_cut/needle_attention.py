@@ -95,7 +95,7 @@ def main() -> None:
     # (layer, first or later token, right, copies read) -> [(the strongest head's needle mass, its mass on the
     # token to copy, its dilated share)]
     reads = defaultdict(list)
-    # (layer, head) -> needle mass, over the positions that predict a key token after the first
+    # (layer, head, even position) -> needle mass, over the positions that predict a key token after the first
     by_head = defaultdict(list)
     # (layer, right, copies read, the strongest head's peak from the first copy's token to copy) -> count
     peaks = defaultdict(int)
