@@ -100,16 +100,20 @@ def main() -> None:
     # (layer, right, copies read, the strongest head's peak from the first copy's token to copy) -> count
     peaks = defaultdict(int)
     largest_difference = 0.0  # between the layers' outputs and those of the weights recomputed here
+    analysed = 0  # prompts whose needle holds the key's tokens as an answer tokenizes them
     prompts = [p for d in args.depths for p in cell_prompts(tokenizer, haystack, d, args.seed, args.keys_per_cell)]
     for prompt in prompts:
         key_ids, copies = key_in_prompt(tokenizer, prompt)
         if not copies:
             continue
+        analysed += 1
         needle = len(tokenizer(NEEDLE.format(key=prompt.key), add_special_tokens=False)["input_ids"])
         span = slice(prompt.needle_start, prompt.needle_start + needle)
         queries = [LENGTH - 1 + j for j in range(len(key_ids))]
         with torch.no_grad():
-            logits = model(torch.tensor([prompt.ids + key_ids]), use_cache=False).logits[0, queries]
+            # Only the answering positions' logits: the last len(key_ids) + 1 positions but the final one.
+            logits = model(torch.tensor([prompt.ids + key_ids]), use_cache=False, logits_to_keep=len(key_ids) + 1)
+            logits = logits.logits[0, :-1]
             right = (logits.argmax(-1) == torch.tensor(key_ids)).tolist()
             seen = copies_seen(config, LENGTH - 1, copies, len(key_ids))
             for index, layer in enumerate(model.model.layers):
@@ -132,7 +136,7 @@ def main() -> None:
                         peaks[(index, bool(right[j]), seen[j], peak - sources[0])] += 1
     for handle in handles:
         handle.remove()
-    report(reads, by_head, peaks, config, len(prompts), args)
+    report(reads, by_head, peaks, config, analysed, args)
     print(
         f"\nThe weights recomputed here, applied to the values, give each layer's attention output at the answering "
         f"positions to a largest relative difference of {largest_difference:.3f} (bf16)."
