@@ -127,6 +127,7 @@ def plant_passkeys(
     far_window: float = FAR_WINDOW,
     both_copies: float = 0.0,
     cut: float = 0.0,
+    cut_between_copies: float = 0.0,
 ):
     """Training blocks (``input_ids``, ``labels``, ``position_ids``) of which about ``share`` carry pass keys.
 
@@ -164,14 +165,20 @@ def plant_passkeys(
     ``boundary`` (in any gap between two of its tokens): the shortest segment then splits the needle, which a
     LongNet's direct read of both key copies fails on until trained on it (its read through a hop does not
     mind). Random places cut a needle in a given gap once in ``boundary`` episodes, while every prompt of
-    2^k - 8 tokens cuts it at depth 25 % in the same gap (docs/results/passkey.md)."""
-    for name, value in (("hop", hop), ("far", far), ("both_copies", both_copies), ("cut", cut)):
+    2^k - 8 tokens cuts it at depth 25 % in the same gap (docs/results/passkey.md). ``cut_between_copies`` is the
+    share of cut needles cut in a gap between the key's two copies (the first copy whole before the multiple, the
+    second whole after it), the gap that depth 25 % cuts and whose keys stayed the weakest after ``cut`` trained
+    every gap alike."""
+    checked = (("hop", hop), ("far", far), ("both_copies", both_copies), ("cut", cut))
+    for name, value in (*checked, ("cut_between_copies", cut_between_copies)):
         if not 0 <= value <= 1:
             raise ValueError(f"{name} must be between 0 and 1, got {value}")
     if hop + both_copies > 1:
         raise ValueError(f"hop and both_copies are shares of the episodes: together at most 1, got {hop + both_copies}")
     if cut and boundary <= 0:
         raise ValueError("cut needs a boundary (the shortest segment length, whose multiples cut the needle)")
+    if cut_between_copies and not cut:
+        raise ValueError("cut_between_copies needs cut above 0 (it is a share of the cut needles)")
     if not 0 < far_window <= 0.5:
         raise ValueError(f"far_window must be above 0 and at most 0.5 (a part of each end of a slot), got {far_window}")
     for name, value in (("hop", hop), ("both_copies", both_copies)):
@@ -198,12 +205,16 @@ def plant_passkeys(
                 end = rng.choice(answer_starts) + len(reply)
         last = min(end - len(needle) - len(question) - len(reply), nearest)
         places = range(start, last + 1)
+        key_ids = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
+        copies = key_copies(needle, key_ids)
         if cut and rng.random() < cut:
-            places = [at for at in places if 0 < -at % boundary < len(needle)] or places
+            gaps = range(1, len(needle))  # a multiple of boundary at at + gap cuts the needle before token gap
+            if cut_between_copies and len(copies) > 1 and rng.random() < cut_between_copies:
+                gaps = range(copies[0] + len(key_ids), copies[-1] + 1)
+            places = [at for at in places if -at % boundary in gaps] or places
         at = rng.choice(places)
         if (hop or both_copies) and (draw := rng.random()) < hop + both_copies:
-            key_ids = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
-            copies, answer_start = key_copies(needle, key_ids), end - len(reply)
+            answer_start = end - len(reply)
             wanted = 0 if draw < hop else len(copies)  # the copies every key token's position is to read
 
             def reads_wanted(at: int) -> bool:
@@ -245,6 +256,8 @@ def plant_passkeys(
             description += f" (in their slot's first {far_window:g}, answered in its last)"
     if cut:
         description += f", {cut:.0%} cut by a multiple of {boundary}"
+        if cut_between_copies:
+            description += f" ({cut_between_copies:.0%} of them between the key's copies)"
     return blocks.map(plant, with_indices=True, desc=description)
 
 

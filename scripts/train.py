@@ -115,6 +115,7 @@ RUN_DEFINING = [
     "passkey_far_window",
     "passkey_both_copies",
     "passkey_cut",
+    "passkey_cut_between_copies",
     "seed",
     "data_seed",
     "per_device_train_batch_size",
@@ -228,6 +229,13 @@ class DataArguments:
             "LongNet's direct read of both key copies fails on until trained on it (random places: once in W a gap)."
         },
     )
+    passkey_cut_between_copies: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of the --passkey_cut needles cut between the key's two copies (each whole on its side), "
+            "the gap depth 25 % of a 2^k - 8 token prompt cuts, whose keys stay weakest when every gap is cut alike."
+        },
+    )
     passkey_answer_weight: float = field(
         default=0.0,
         metadata={"help": "Extra loss weight of planted keys' answer tokens (0: the plain language-modelling loss)."},
@@ -328,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
             far_window=data_args.passkey_far_window,
             both_copies=data_args.passkey_both_copies,
             cut=data_args.passkey_cut,
+            cut_between_copies=data_args.passkey_cut_between_copies,
         )
         if not data_args.passkey_answer_weight:
             train_blocks = train_blocks.remove_columns("answer_mask")
@@ -498,7 +507,7 @@ def check_arguments(model_args, data_args, training_args) -> None:
             f"--passkey_boundary {data_args.passkey_boundary} leaves no boundary inside a block of --block_size "
             f"{data_args.block_size}: no answer would start on one"
         )
-    for name in ("passkey_hop", "passkey_far", "passkey_both_copies", "passkey_cut"):
+    for name in ("passkey_hop", "passkey_far", "passkey_both_copies", "passkey_cut", "passkey_cut_between_copies"):
         if not 0 <= getattr(data_args, name) <= 1:
             fail(f"--{name} must be between 0 and 1, got {getattr(data_args, name)}")
     if data_args.passkey_hop + data_args.passkey_both_copies > 1:
@@ -526,6 +535,8 @@ def check_arguments(model_args, data_args, training_args) -> None:
                 fail(f"--{name} needs --passkey_share above 0 (no block carries a pass key)")
     if data_args.passkey_cut and not data_args.passkey_boundary:
         fail("--passkey_cut needs --passkey_boundary (the shortest segment length, whose multiples cut the needle)")
+    if data_args.passkey_cut_between_copies and not data_args.passkey_cut:
+        fail("--passkey_cut_between_copies needs --passkey_cut above 0 (it is a share of the cut needles)")
     if data_args.passkey_answer_weight and training_args.sequence_parallel_size > 1:
         fail("--passkey_answer_weight does not work with --sequence_parallel_size above 1 (each rank sees a chunk)")
     for name in ("train_file", "validation_file"):

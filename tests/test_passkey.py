@@ -580,6 +580,40 @@ def test_cut_episodes_put_a_multiple_of_the_boundary_inside_the_needle(tokenizer
         assert abs(sum(map(bool, before)) / len(before) - sum(chance) / len(chance)) < 0.15
 
 
+@pytest.mark.parametrize("between", [0.0, 1.0])
+def test_cut_between_copies_leaves_each_key_copy_whole_on_its_side_of_the_cut(tokenizer, haystack, between):
+    """With ``cut_between_copies=1`` the multiple of ``boundary`` inside every needle falls after the first key
+    copy's last token and at or before the second copy's first (found here by the key's tokens in the block);
+    with 0 a cut lands in any gap of the needle, so most cuts fall elsewhere. Bad shares are errors."""
+    length, boundary = 1200, 128
+    blocks = haystack_blocks(haystack, 40, length)
+    planted = plant_passkeys(
+        blocks, tokenizer, share=1.0, seed=12, episodes=2, boundary=boundary, cut=1.0, cut_between_copies=between
+    )
+    with pytest.raises(ValueError, match="cut_between_copies must be between 0 and 1, got -0.5"):
+        plant_passkeys(blocks, tokenizer, share=1.0, seed=12, boundary=boundary, cut=1.0, cut_between_copies=-0.5)
+    with pytest.raises(ValueError, match="cut_between_copies needs cut above 0"):
+        plant_passkeys(blocks, tokenizer, share=1.0, seed=12, boundary=boundary, cut_between_copies=0.5)
+    prefix = tokenizer(NEEDLE[: NEEDLE.index("{key}")], add_special_tokens=False)["input_ids"]
+    apart = []  # per needle: whether the cut leaves one whole key copy on each side
+    for block in planted:
+        ids = block["input_ids"]
+        for at in (i for i in range(length) if ids[i : i + len(prefix)] == prefix):
+            key = re.match(r"\s*# The pass key is (\d{5})\.", tokenizer.decode(ids[at : at + 80])).group(1)
+            size = len(tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"])
+            key_ids = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
+            starts = [i for i in range(at, at + size) if ids[i : i + len(key_ids)] == key_ids]
+            assert len(starts) == 2
+            cut = at + (-at % boundary)  # the first multiple of boundary at or after the needle's start
+            assert at < cut < at + size
+            apart.append(starts[0] + len(key_ids) <= cut <= starts[1])
+    assert len(apart) > 40
+    if between:
+        assert all(apart)
+    else:
+        assert 0 < sum(apart) < 0.6 * len(apart)
+
+
 def test_answer_weighted_loss_adds_weighted_answer_tokens(tokenizer, haystack):
     """AnswerWeightedTrainer's loss against the model's own loss: with N scored tokens of mean loss M, of
     which n answer tokens of mean loss A, weight W gives (N M + W n A) / (N + W n); and W = 0 gives M."""

@@ -539,6 +539,23 @@ def bad_inputs(folder: Path) -> dict[str, str]:
             "--passkey_cut must be between 0 and 1, got 2.0",
         ),
         (["--passkey_share", "1", "--passkey_cut", "0.5"], "--passkey_cut needs --passkey_boundary"),
+        (
+            ["--passkey_share", "1", "--passkey_cut_between_copies", "0.5"],
+            "--passkey_cut_between_copies needs --passkey_cut above 0",
+        ),
+        (
+            [
+                "--passkey_share",
+                "1",
+                "--passkey_boundary",
+                "64",
+                "--passkey_cut",
+                "1",
+                "--passkey_cut_between_copies",
+                "2",
+            ],
+            "--passkey_cut_between_copies must be between 0 and 1, got 2.0",
+        ),
         (["--passkey_share", "1", "--passkey_far", "1.5"], "--passkey_far must be between 0 and 1, got 1.5"),
         (
             ["--passkey_share", "1", "--passkey_far", "1", "--passkey_far_window", "0"],
