@@ -169,8 +169,14 @@ def plant_passkeys(
     share of cut needles cut in a gap between the key's two copies (the first copy whole before the multiple, the
     second whole after it), the gap that depth 25 % cuts and whose keys stayed the weakest after ``cut`` trained
     every gap alike."""
-    checked = (("hop", hop), ("far", far), ("both_copies", both_copies), ("cut", cut))
-    for name, value in (*checked, ("cut_between_copies", cut_between_copies)):
+    shares = (
+        ("hop", hop),
+        ("far", far),
+        ("both_copies", both_copies),
+        ("cut", cut),
+        ("cut_between_copies", cut_between_copies),
+    )
+    for name, value in shares:
         if not 0 <= value <= 1:
             raise ValueError(f"{name} must be between 0 and 1, got {value}")
     if hop + both_copies > 1:

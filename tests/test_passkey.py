@@ -549,6 +549,17 @@ def test_far_episodes_put_the_needle_in_the_first_window_and_the_answer_in_the_l
         assert first_window < 0.8 * episodes and last_window < 0.6 * episodes
 
 
+def planted_needles(planted, tokenizer):
+    """``(ids, at, key)`` for every needle in the planted blocks: the block's tokens, where the needle starts
+    (found by the needle's words before the key) and the key it holds (read back from the decoded text)."""
+    prefix = tokenizer(NEEDLE[: NEEDLE.index("{key}")], add_special_tokens=False)["input_ids"]
+    for block in planted:
+        ids = block["input_ids"]
+        for at in (i for i in range(len(ids)) if ids[i : i + len(prefix)] == prefix):
+            key = re.match(r"\s*# The pass key is (\d{5})\.", tokenizer.decode(ids[at : at + 80])).group(1)
+            yield ids, at, key
+
+
 @pytest.mark.parametrize("cut", [0.0, 1.0])
 def test_cut_episodes_put_a_multiple_of_the_boundary_inside_the_needle(tokenizer, haystack, cut):
     """With ``cut=1`` a multiple of ``boundary`` falls between two tokens of every needle, at many places in it;
@@ -563,16 +574,12 @@ def test_cut_episodes_put_a_multiple_of_the_boundary_inside_the_needle(tokenizer
         plant_passkeys(blocks, tokenizer, share=1.0, seed=11, cut=0.5)
     if not cut:
         assert planted[:] == plant_passkeys(blocks, tokenizer, share=1.0, seed=11, episodes=2, boundary=boundary)[:]
-    prefix = tokenizer(NEEDLE[: NEEDLE.index("{key}")], add_special_tokens=False)["input_ids"]
     before, chance = [], []  # each needle's tokens before the first multiple of boundary inside it (0: none)
-    for block in planted:
-        ids = block["input_ids"]
-        for at in (i for i in range(length) if ids[i : i + len(prefix)] == prefix):
-            key = re.match(r"\s*# The pass key is (\d{5})\.", tokenizer.decode(ids[at : at + 80])).group(1)
-            needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
-            assert ids[at : at + len(needle)] == needle
-            before.append(-at % boundary if -at % boundary < len(needle) else 0)
-            chance.append((len(needle) - 1) / boundary)
+    for ids, at, key in planted_needles(planted, tokenizer):
+        needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+        assert ids[at : at + len(needle)] == needle
+        before.append(-at % boundary if -at % boundary < len(needle) else 0)
+        chance.append((len(needle) - 1) / boundary)
     assert len(before) > 40
     if cut:
         assert 0 not in before and len(set(before)) > 10
@@ -594,19 +601,15 @@ def test_cut_between_copies_leaves_each_key_copy_whole_on_its_side_of_the_cut(to
         plant_passkeys(blocks, tokenizer, share=1.0, seed=12, boundary=boundary, cut=1.0, cut_between_copies=-0.5)
     with pytest.raises(ValueError, match="cut_between_copies needs cut above 0"):
         plant_passkeys(blocks, tokenizer, share=1.0, seed=12, boundary=boundary, cut_between_copies=0.5)
-    prefix = tokenizer(NEEDLE[: NEEDLE.index("{key}")], add_special_tokens=False)["input_ids"]
     apart = []  # per needle: whether the cut leaves one whole key copy on each side
-    for block in planted:
-        ids = block["input_ids"]
-        for at in (i for i in range(length) if ids[i : i + len(prefix)] == prefix):
-            key = re.match(r"\s*# The pass key is (\d{5})\.", tokenizer.decode(ids[at : at + 80])).group(1)
-            size = len(tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"])
-            key_ids = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
-            starts = [i for i in range(at, at + size) if ids[i : i + len(key_ids)] == key_ids]
-            assert len(starts) == 2
-            cut = at + (-at % boundary)  # the first multiple of boundary at or after the needle's start
-            assert at < cut < at + size
-            apart.append(starts[0] + len(key_ids) <= cut <= starts[1])
+    for ids, at, key in planted_needles(planted, tokenizer):
+        size = len(tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"])
+        key_ids = tokenizer(" " + key, add_special_tokens=False)["input_ids"]
+        starts = [i for i in range(at, at + size) if ids[i : i + len(key_ids)] == key_ids]
+        assert len(starts) == 2
+        cut = at + (-at % boundary)  # the first multiple of boundary at or after the needle's start
+        assert at < cut < at + size
+        apart.append(starts[0] + len(key_ids) <= cut <= starts[1])
     assert len(apart) > 40
     if between:
         assert all(apart)
