@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15's retrieval recipe on a GPU, as one run of about 8 minutes on a lent machine (stage 1 not yet
+# Issue 15's retrieval recipe on a GPU, as one run of about 10 minutes on a lent machine (stage 1 not yet
 # timed on one): the same commands as the CPU runs of docs/results/passkey.md, with more steps. Three models
 # of one size (4 layers, hidden 128, 8 heads, intermediate 384: stage 1's) and one tokenizer train side by
 # side on the GPU (tiny models leave it mostly idle):
@@ -9,8 +9,8 @@
 # Stage 1, the synthetic hop (STEPS_HOP steps of hop_synthetic.py; the LongNets start from its LongNet, the dense
 # model from its Llama), then the 1K stage (STEPS_1K steps of 8 x 1024 tokens, RoPE base ROPE_1K), then the 16K
 # stage from it (STEPS_16K steps of 1 x 16384, RoPE base ROPE_16K, FAR: --passkey_far, FAR_WINDOW:
-# --passkey_far_window; both stages with CUT: --passkey_cut), then the pass key grid
-# (1K-16K x 11 depths, KEYS keys a cell; 32K and 64K x 5 depths), the branch and key-token analyses and
+# --passkey_far_window, and the needles the CPU runs found to need training: the *_16K variables below), then the
+# pass key grid (1K-16K x 11 depths, KEYS keys a cell; 32K and 64K x 5 depths), the branch and key-token analyses and
 # one-process step times, each only while the run is inside BUDGET seconds.
 #   TOKENIZER=folder bash scripts/run_passkey_gpu.sh
 # Writes under $OUT (default outputs/passkey_gpu), at most 8 files: passkey_gpu.log, results.tar.gz (the
@@ -22,7 +22,7 @@ TOKENIZER=${TOKENIZER:?set TOKENIZER to a tokenizer folder (the main job 4096-to
 WORK=${WORK:-/tmp/passkey_gpu}
 STEPS_HOP=${STEPS_HOP:-5000}
 STEPS_1K=${STEPS_1K:-3000}
-STEPS_16K=${STEPS_16K:-1000}
+STEPS_16K=${STEPS_16K:-3000}
 KEYS=${KEYS:-20}
 LENGTHS=${LENGTHS:-1024 2048 4096 8192 16384}
 BEYOND=${BEYOND:-32768 65536}
@@ -50,23 +50,34 @@ transformers.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow._
 
 # --passkey_boundary 256 (the shortest segment of both LongNets): half the answers whose slot allows it start a
 # new segment, as every answer of the evaluation's prompts of 1K-16K tokens does (docs/results/passkey.md)
-# CUT: --passkey_cut, that share of the needles lies across a multiple of 256, as every needle at depth 25 % of the
-# evaluation's prompts of 2^k - 8 tokens does; on the CPU the direct read of both key copies failed on such needles
-# until trained on them (docs/results/passkey.md, session 27)
+# CUT: the 1K stage's --passkey_cut, that share of the needles lies across a multiple of 256, as every needle at
+# depth 25 % of the evaluation's prompts of 2^k - 8 tokens does; on the CPU the direct read of both key copies
+# failed on such needles until trained on them (docs/results/passkey.md, session 27)
 CUT=${CUT:-0.5}
-RECIPE="--passkey_share 1 --passkey_boundary 256 --passkey_cut $CUT --passkey_answer_weight 64 --adam_beta2 0.95 --bf16 true --logging_steps 100 --save_steps 100000 --disable_tqdm true"
+RECIPE="--passkey_share 1 --passkey_boundary 256 --adam_beta2 0.95 --bf16 true --logging_steps 100 --save_steps 100000 --disable_tqdm true"
 # HOP: the LongNets' --passkey_hop at 1K (that share of their needles lies where the answer reads no copy
 # directly, so they learn to move the key across residues; the same texts, keys and questions as the dense
-# model's). HOP_16K: at 16K, 0, as the CPU runs found: a 3-token key's answer reads both copies or neither, and
-# with 0.5 the model trained on neither 3 times as often and missed 15 of the 41 keys at 16K that it could
-# read directly (docs/results/passkey.md)
+# model's)
 HOP=${HOP:-0.5}
-HOP_16K=${HOP_16K:-0}
+# The 16K stage as the CPU runs ended (docs/results/passkey.md, sessions 24-31; 0.92-0.99 at every depth of 16K):
+# EPISODES_16K episodes a block; ANSWER_16K, the answer's weight (4096: its ~3.5 tokens ~47 % of a block's loss,
+# where the 1K stage's 64, set for rows of up to 8 episodes, leaves one 16K episode's answer 1.4 %); CUT_16K of the
+# needles cut by a multiple of 256, BETWEEN_16K of those between the key's two copies (where depth 25 % of the
+# evaluation's prompts cuts every needle); for the LongNets HOP_16K placed for the hop and BOTH_16K where the
+# answer reads both key copies directly (the dense model reads every copy: the two do not apply to it)
+EPISODES_16K=${EPISODES_16K:-1}
+ANSWER_16K=${ANSWER_16K:-4096}
+CUT_16K=${CUT_16K:-0.75}
+BETWEEN_16K=${BETWEEN_16K:-1}
+HOP_16K=${HOP_16K:-0.3}
+BOTH_16K=${BOTH_16K:-0.4}
+LR_16K=${LR_16K:-5e-4}
+PLACES_16K="--passkey_hop $HOP_16K --passkey_both_copies $BOTH_16K"
 declare -A START=([dense]=dense-hop [longnet]=longnet-hop [paper]=longnet-hop)
 declare -A BRANCHES_1K=([dense]="" [longnet]="--segment_lengths 256 4096 --dilation_rates 1 2 --passkey_hop $HOP"
     [paper]="--segment_lengths 256 1024 4096 16384 --dilation_rates 1 2 4 8 --passkey_hop $HOP")
-declare -A BRANCHES_16K=([dense]="" [longnet]="--segment_lengths 256 65536 --dilation_rates 1 2 --passkey_hop $HOP_16K"
-    [paper]="--segment_lengths 256 1024 4096 16384 65536 --dilation_rates 1 2 4 8 16 --passkey_hop $HOP_16K")
+declare -A BRANCHES_16K=([dense]="" [longnet]="--segment_lengths 256 65536 --dilation_rates 1 2 $PLACES_16K"
+    [paper]="--segment_lengths 256 1024 4096 16384 65536 --dilation_rates 1 2 4 8 16 $PLACES_16K")
 MODELS="dense longnet paper"
 
 train() {  # name stage flags...: one training, its log kept whole in $WORK and summed up in the run's log
@@ -91,7 +102,7 @@ for name in $MODELS; do
     # shellcheck disable=SC2086
     train "$name" 1k --model_name_or_path "$WORK/${START[$name]}" --rope_theta "$ROPE_1K" ${BRANCHES_1K[$name]} \
         --block_size 1024 --per_device_train_batch_size 8 --max_steps "$STEPS_1K" --warmup_steps 50 \
-        --learning_rate 2e-3 --passkey_episodes 8 --seed 42 $RECIPE &
+        --learning_rate 2e-3 --passkey_episodes 8 --passkey_cut "$CUT" --passkey_answer_weight 64 --seed 42 $RECIPE &
 done
 wait
 say "16K stage: $STEPS_16K steps of 1 x 16384"
@@ -99,7 +110,9 @@ for name in $MODELS; do
     # shellcheck disable=SC2086
     train "$name" 16k --model_name_or_path "$WORK/$name-1k" ${BRANCHES_16K[$name]} --rope_theta "$ROPE_16K" \
         --block_size 16384 --per_device_train_batch_size 1 --max_steps "$STEPS_16K" --warmup_steps 20 \
-        --learning_rate 1e-3 --passkey_episodes 16 --passkey_far "$FAR" --passkey_far_window "$FAR_WINDOW" --seed 44 $RECIPE &
+        --learning_rate "$LR_16K" --passkey_episodes "$EPISODES_16K" --passkey_far "$FAR" \
+        --passkey_far_window "$FAR_WINDOW" --passkey_cut "$CUT_16K" --passkey_cut_between_copies "$BETWEEN_16K" \
+        --passkey_answer_weight "$ANSWER_16K" --seed 44 $RECIPE &
 done
 wait
 for name in $MODELS; do  # the weights first: they come back even if an evaluation runs out of time
