@@ -4,6 +4,7 @@ import math
 from pathlib import Path
 
 from huggingface_hub.dataclasses import as_validated_field, strict
+from transformers import LlamaConfig
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 from transformers.utils.type_validators import activation_fn_key, interval, positive_int_field
@@ -133,4 +134,13 @@ def load_longnet_config(source: str | Path) -> LongNetConfig:
     return LongNetConfig.from_dict(fields)
 
 
-__all__ = ["LongNetConfig", "load_longnet_config"]
+def llama_config(config: LongNetConfig) -> LlamaConfig:
+    """The same-size Llama's config: every field but the branches (LongNet keeps Llama's names and weights),
+    for a dense control of the same size, built afresh or from a LongNet's weights."""
+    fields = config.to_dict()
+    for name in ("segment_lengths", "dilation_rates", "model_type", "auto_map", "architectures"):
+        fields.pop(name, None)
+    return LlamaConfig(**fields)
+
+
+__all__ = ["LongNetConfig", "llama_config", "load_longnet_config"]

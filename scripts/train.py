@@ -38,7 +38,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
-    LlamaConfig,
     LlamaForCausalLM,
     PretrainedConfig,
     Trainer,
@@ -50,7 +49,7 @@ from transformers import (
 
 import longnet  # noqa: F401  (registers LongNet with the Auto classes)
 from longnet import LongNetConfig, LongNetForCausalLM
-from longnet.configuration_longnet import load_longnet_config
+from longnet.configuration_longnet import llama_config, load_longnet_config
 from longnet.dilated_attention import check_branches
 from longnet.evaluation import check_context_lengths, evaluation_documents, perplexity_by_context, write_report
 from longnet.hub import TOKENIZER_VOCABULARY_FILES, is_secret_name, redact, redact_command_line, render_model_card
@@ -779,10 +778,7 @@ def get_model(model_args, tokenizer, given: dict):
             model_args.model_name_or_path, config=config, trust_remote_code=model_args.trust_remote_code
         )
     if model_args.attention == "dense":
-        fields = config.to_dict()
-        for name in ("segment_lengths", "dilation_rates", "model_type", "auto_map", "architectures"):
-            fields.pop(name, None)
-        return LlamaForCausalLM(LlamaConfig(**fields))
+        return LlamaForCausalLM(llama_config(config))
     return LongNetForCausalLM(config)
 
 

@@ -8,9 +8,10 @@ into `LlamaForCausalLM` unchanged; the config drops the branches. The tokenizer 
 
 import argparse
 
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from longnet import LongNetForCausalLM
+from longnet.configuration_longnet import llama_config
 
 
 def main() -> None:
@@ -19,10 +20,7 @@ def main() -> None:
     parser.add_argument("out", help="where the Llama is written")
     args = parser.parse_args()
     longnet = LongNetForCausalLM.from_pretrained(args.longnet)
-    fields = longnet.config.to_dict()
-    for name in ("segment_lengths", "dilation_rates", "model_type", "auto_map", "architectures"):
-        fields.pop(name, None)
-    llama = LlamaForCausalLM(LlamaConfig(**fields))
+    llama = LlamaForCausalLM(llama_config(longnet.config))
     llama.load_state_dict(longnet.state_dict(), strict=True)
     llama.save_pretrained(args.out)
     AutoTokenizer.from_pretrained(args.longnet).save_pretrained(args.out)
