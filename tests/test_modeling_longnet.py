@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from longnet import LongNetConfig, LongNetForCausalLM, LongNetForSequenceClassification, LongNetModel
+from longnet.configuration_longnet import llama_config
 
 # ---------------------------------------------------------------------------------------------------
 # The decoder around the kernel is standard
@@ -45,6 +46,22 @@ def test_one_dense_branch_equals_llama():
     assert len(got.hidden_states) == len(expected.hidden_states) == TINY["num_hidden_layers"] + 1
     for a, b in zip(got.hidden_states, expected.hidden_states, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_llama_config_is_the_same_size_llama():
+    """llama_config keeps every field but the branches: with one dense branch, a LongNet's weights in that Llama
+    give the LongNet's logits (a non-default norm epsilon and RoPE base must carry over)."""
+    config = tiny_config(
+        segment_lengths=[64],
+        dilation_rates=[1],
+        rms_norm_eps=1e-2,
+        rope_parameters={"rope_type": "default", "rope_theta": 50.0},
+    )
+    longnet = LongNetForCausalLM(config).eval()
+    llama = LlamaForCausalLM(llama_config(config)).eval()
+    llama.load_state_dict(longnet.state_dict(), strict=True)
+    ids = random_ids(2, 40)
+    torch.testing.assert_close(llama(ids).logits, longnet(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_dilation_changes_the_result():
