@@ -33,8 +33,7 @@ from longnet.configuration_longnet import llama_config
 def test_one_dense_branch_equals_llama():
     """segment_lengths=[L >= length], dilation_rates=[1]: exactly Llama, weights shared."""
     torch.manual_seed(0)
-    llama_config = LlamaConfig(**{k: v for k, v in TINY.items()}, attention_dropout=0.0)
-    llama = LlamaForCausalLM(llama_config).eval()
+    llama = LlamaForCausalLM(LlamaConfig(**TINY, attention_dropout=0.0)).eval()
     longnet = LongNetForCausalLM(tiny_config(segment_lengths=[64], dilation_rates=[1])).eval()
     assert set(longnet.state_dict()) == set(llama.state_dict())
     longnet.load_state_dict(llama.state_dict())
