@@ -61,11 +61,12 @@ RECIPE="--passkey_share 1 --passkey_boundary 256 --adam_beta2 0.95 --bf16 true -
 HOP=${HOP:-0.5}
 # The 16K stage as the CPU runs ended (docs/results/passkey.md, sessions 24-37; 0.91-0.99 at every depth of 16K):
 # up to EPISODES_16K episodes a block (2: half the blocks put a second episode in their last 8K, the needles 1-2K
-# back at the end of a 16K prompt that depth 90 % asks for, session 37); ANSWER_16K, the answer's weight (4096: its ~3.5 tokens ~47 % of a block's loss,
-# where the 1K stage's 64, set for rows of up to 8 episodes, leaves one 16K episode's answer 1.4 %); CUT_16K of the
-# needles cut by a multiple of 256, BETWEEN_16K of those between the key's two copies (where depth 25 % of the
-# evaluation's prompts cuts every needle); for the LongNets HOP_16K placed for the hop and BOTH_16K where the
-# answer reads both key copies directly (the dense model reads every copy: the two do not apply to it)
+# back at the end of a 16K prompt that depth 90 % asks for, session 37); ANSWER_16K, the answer's weight (4096: one
+# episode's ~3.5 tokens ~47 % of a block's loss, where the 1K stage's 64, set for rows of up to 8 episodes, leaves
+# one 16K episode's answer 1.4 %); CUT_16K of the needles cut by a multiple of 256, BETWEEN_16K of those between the
+# key's two copies (where depth 25 % of the evaluation's prompts cuts every needle); for the LongNets HOP_16K placed
+# for the hop and BOTH_16K where the answer reads both key copies directly (the dense model reads every copy: the two
+# do not apply to it)
 EPISODES_16K=${EPISODES_16K:-2}
 ANSWER_16K=${ANSWER_16K:-4096}
 CUT_16K=${CUT_16K:-0.9}
